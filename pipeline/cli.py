@@ -1,0 +1,168 @@
+"""The ``volfilter`` command line.
+
+Errors a user can cause print one line, ``volfilter: error: ...``, on stderr
+and exit with status 2, writing nothing; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .errors import VolfilterError
+from .filters import FILTERS, MODES
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as a VolfilterError (one line, no usage dump)."""
+
+    def error(self, message):
+        raise VolfilterError(f"{self.prog.split(' ', 1)[-1]}: {message} (see --help)")
+
+
+def _add_common(p):
+    p.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="auto = GPU when CuPy and a device work, else CPU (default auto)")  # fmt: skip
+    p.add_argument("--mode", choices=MODES, default="reflect", help="border handling (default reflect)")
+    p.add_argument("--mask", metavar="MASK", help="filter within this mask (.nii/.nii.gz); voxels outside become 0")
+    p.add_argument("--no-sidecar", action="store_true", help="do not write the JSON provenance sidecar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="volfilter", description="Millimetre-aware 3-D filtering of NIfTI MRI volumes.")
+    parser.add_argument("--version", action="version", version=f"volfilter {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("filters", help="list the filters and their options")
+
+    ap = sub.add_parser("apply", help="filter one volume", description="Filter INPUT and write OUTPUT (.nii or .nii.gz).")
+    ap.add_argument("input", metavar="INPUT")
+    ap.add_argument("output", metavar="OUTPUT")
+    ap.add_argument("--filter", required=True, choices=list(FILTERS), metavar="NAME",
+                    help="one of: " + ", ".join(FILTERS))  # fmt: skip
+    seen = {}
+    for spec in FILTERS.values():
+        for prm in spec.params:
+            seen.setdefault(prm.name, (prm, []))[1].append(spec.name)
+    group = ap.add_argument_group("filter options (each applies to the filters named)")
+    for name, (prm, users) in seen.items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=prm.type, choices=prm.choices,
+                           default=None, help=f"{prm.help} [{', '.join(users)}]")  # fmt: skip
+    _add_common(ap)
+
+    bp = sub.add_parser("batch", help="several filters on one load (used by the workflow)",
+                        description="Load INPUT once and write one output per named filter.")  # fmt: skip
+    bp.add_argument("input", metavar="INPUT")
+    bp.add_argument("--filters-json", required=True, metavar="JSON",
+                    help='mapping NAME -> {"kind": FILTER, param: value, ...}, or a path to such a JSON file')  # fmt: skip
+    bp.add_argument("--output", action="append", required=True, metavar="NAME=PATH", help="where NAME's result goes")
+    _add_common(bp)
+
+    ep = sub.add_parser("example-data", help="write the bundled example as a tiny BIDS dataset")
+    ep.add_argument("dest", metavar="DEST")
+
+    dp = sub.add_parser("dataset-description", help="write a BIDS-derivatives dataset_description.json")
+    dp.add_argument("path", metavar="PATH")
+    return parser
+
+
+def _cmd_filters(args):
+    for spec in FILTERS.values():
+        opts = " ".join(f"--{p.name.replace('_', '-')}" for p in spec.params)
+        print(f"{spec.name:<9} {spec.summary}" + (f"\n{'':<9}   options: {opts}" if opts else ""))
+    print("\nall filters: --mode {" + ",".join(MODES) + "} --mask MASK --backend {auto,cpu,gpu}")
+
+
+def _cmd_apply(args):
+    from .image import FilterJob, filter_file
+
+    spec = FILTERS[args.filter]
+    all_params = {name for s in FILTERS.values() for name in (p.name for p in s.params)}
+    params = {k: getattr(args, k) for k in all_params if getattr(args, k) is not None}
+    wrong = sorted(set(params) - {p.name for p in spec.params})
+    if wrong:
+        opts = ", ".join("--" + w.replace("_", "-") for w in wrong)
+        raise VolfilterError(f"filter {args.filter!r} does not take {opts}; see 'volfilter filters'")
+    job = FilterJob(args.filter, params, args.output)
+    filter_file(args.input, [job], backend=args.backend, mode=args.mode, mask_path=args.mask,
+                sidecars=not args.no_sidecar)  # fmt: skip
+
+
+def parse_filter_specs(text: str) -> dict:
+    """Parse ``--filters-json``: inline JSON or a path to a JSON file."""
+    try:
+        if os.path.isfile(text):
+            with open(text, encoding="utf-8") as fh:
+                specs = json.load(fh)
+        else:
+            specs = json.loads(text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise VolfilterError(f"--filters-json: not valid JSON ({exc})") from None
+    if not isinstance(specs, dict) or not all(isinstance(v, dict) and "kind" in v for v in specs.values()):
+        raise VolfilterError('--filters-json: expected {"NAME": {"kind": FILTER, ...}, ...}')
+    return specs
+
+
+def _cmd_batch(args):
+    from .image import FilterJob, filter_file
+
+    specs = parse_filter_specs(args.filters_json)
+    jobs = []
+    for item in args.output:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise VolfilterError(f"--output {item!r}: expected NAME=PATH")
+        if name not in specs:
+            raise VolfilterError(f"--output {item!r}: no filter named {name!r} in --filters-json")
+        params = {k: v for k, v in specs[name].items() if k != "kind"}
+        jobs.append(FilterJob(specs[name]["kind"], params, path))
+    filter_file(args.input, jobs, backend=args.backend, mode=args.mode, mask_path=args.mask,
+                sidecars=not args.no_sidecar)  # fmt: skip
+
+
+def _cmd_example(args):
+    from .example import write_example_dataset
+
+    for path in write_example_dataset(args.dest):
+        print(path)
+
+
+def _cmd_dataset_description(args):
+    from .provenance import dataset_description, write_json
+
+    write_json(args.path, dataset_description())
+
+
+COMMANDS = {
+    "filters": _cmd_filters,
+    "apply": _cmd_apply,
+    "batch": _cmd_batch,
+    "example-data": _cmd_example,
+    "dataset-description": _cmd_dataset_description,
+}
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except VolfilterError as exc:
+        print(f"volfilter: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError:
+        print("volfilter: error: out of memory; filter a smaller volume or use a larger machine", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("volfilter: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

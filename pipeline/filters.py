@@ -1,0 +1,385 @@
+"""3-D filters on arrays: pure functions, millimetre-aware, CPU or GPU.
+
+Every filter takes a 3-D float array (NumPy or CuPy) and the voxel sizes in
+mm along its three axes, and returns a new float32 array on the same device.
+:func:`apply_filter` adds what users need on top: 4-D data filtered volume by
+volume, NaN voxels treated as missing, and an optional mask.
+
+Examples
+--------
+>>> import numpy as np
+>>> x = np.zeros((9, 9, 9), np.float32); x[4, 4, 4] = 1
+>>> y = apply_filter(x, (1.0, 1.0, 2.0), "gaussian", fwhm_mm=2.0)
+>>> y.dtype, round(float(y.sum()), 4)
+(dtype('float32'), 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import kernels
+from .backend import namespace
+from .errors import VolfilterError
+
+MODES = ("reflect", "nearest", "mirror", "constant", "wrap")
+SOBEL_AXES = ("0", "1", "2", "magnitude")
+
+
+# --------------------------------------------------------------------------
+# Parameter conversions in mm
+
+
+def sigma_vox(voxel_mm, *, fwhm_mm=None, sigma_mm=None) -> tuple[float, float, float]:
+    """Per-axis Gaussian sigma in voxels for a width given in mm.
+
+    >>> sigma_vox((1.0, 2.0, 4.0), sigma_mm=2.0)
+    (2.0, 1.0, 0.5)
+    """
+    if (fwhm_mm is None) == (sigma_mm is None):
+        raise VolfilterError("gaussian: give exactly one of fwhm_mm or sigma_mm")
+    s = sigma_mm if sigma_mm is not None else fwhm_mm / kernels.FWHM_PER_SIGMA
+    if not s > 0:
+        raise VolfilterError("gaussian: the width must be a positive number of mm")
+    return tuple(float(s) / float(h) for h in voxel_mm)
+
+
+def box_size_vox(voxel_mm, *, size_mm=None, size_vox=None) -> tuple[int, int, int]:
+    """Odd number of voxels per axis for a box of ``size_mm`` (or ``size_vox``).
+
+    In mm, each axis gets the odd voxel count closest to ``size_mm / voxel``
+    (at least 1, ties rounded up), so the box stays centred.
+
+    >>> box_size_vox((1.0, 2.0, 3.0), size_mm=6.0)
+    (7, 3, 3)
+    """
+    if size_mm is not None and size_vox is not None:
+        raise VolfilterError("box: give size_mm or size_vox, not both")
+    if size_mm is not None:
+        if not size_mm > 0:
+            raise VolfilterError("box: size_mm must be positive")
+        return tuple(max(1, 2 * math.floor((size_mm / h - 1) / 2 + 0.5) + 1) for h in voxel_mm)
+    n = 3 if size_vox is None else int(size_vox)
+    if n < 1 or n % 2 == 0:
+        raise VolfilterError(f"box: size_vox must be an odd positive integer, got {size_vox}")
+    return (n, n, n)
+
+
+# --------------------------------------------------------------------------
+# The filters on one 3-D volume (no missing data)
+
+
+def _f32(xp, ndi, x):
+    return x.astype(xp.float32, copy=False)
+
+
+def identity(x, voxel_mm, *, mode="reflect"):
+    """Return a float32 copy."""
+    xp, _ = namespace(x)
+    return x.astype(xp.float32, copy=True)
+
+
+def box(x, voxel_mm, *, size_mm=None, size_vox=None, mode="reflect"):
+    """Mean over an odd block of voxels (``size_mm`` or ``size_vox``, default 3 voxels)."""
+    xp, ndi = namespace(x)
+    size = box_size_vox(voxel_mm, size_mm=size_mm, size_vox=size_vox)
+    return ndi.uniform_filter(x, size=size, mode=mode, output=xp.float32)
+
+
+def gaussian(x, voxel_mm, *, fwhm_mm=None, sigma_mm=None, mode="reflect"):
+    """Isotropic Gaussian in mm (``fwhm_mm`` or ``sigma_mm``), truncated at 4 sigma."""
+    xp, ndi = namespace(x)
+    sigma = sigma_vox(voxel_mm, fwhm_mm=fwhm_mm, sigma_mm=sigma_mm)
+    return ndi.gaussian_filter(x, sigma=sigma, mode=mode, output=xp.float32, truncate=4.0)
+
+
+def _gradient(x, voxel_mm, axis, mode, operator, gain):
+    xp, ndi = namespace(x)
+    op = getattr(ndi, operator)
+    if axis != "magnitude":
+        a = int(axis)
+        g = op(x, axis=a, mode=mode, output=xp.float32)
+        g *= xp.float32(1.0 / (gain * voxel_mm[a]))
+        return g
+    acc = None
+    for a in range(3):
+        g = op(x, axis=a, mode=mode, output=xp.float32)
+        g *= xp.float32(1.0 / (gain * voxel_mm[a]))
+        g *= g
+        if acc is None:
+            acc = g
+        else:
+            acc += g
+            del g
+    return xp.sqrt(acc, out=acc)
+
+
+def sobel(x, voxel_mm, *, axis="magnitude", mode="reflect"):
+    """Sobel derivative in intensity per mm along ``axis`` (0, 1, 2) or its magnitude.
+
+    The raw Sobel response is divided by 32 × the voxel size of the axis, so a
+    ramp rising by ``g`` per mm gives ``g`` on any grid.
+    """
+    return _gradient(x, voxel_mm, _check_axis(axis), mode, "sobel", kernels.SOBEL_RAMP_GAIN)
+
+
+def prewitt(x, voxel_mm, *, axis="magnitude", mode="reflect"):
+    """Prewitt derivative in intensity per mm (raw response / (18 × voxel size))."""
+    return _gradient(x, voxel_mm, _check_axis(axis), mode, "prewitt", kernels.PREWITT_RAMP_GAIN)
+
+
+def sharpen(x, voxel_mm, *, amount=1.0, mode="reflect"):
+    """Identity minus ``amount`` × the 6-neighbour Laplacian (in voxels).
+
+    Equals correlation with :func:`pipeline.kernels.sharpen`.
+    """
+    xp, ndi = namespace(x)
+    lap = ndi.laplace(x, mode=mode, output=xp.float32)
+    lap *= xp.float32(-amount)
+    lap += x
+    return lap
+
+
+def unsharp(x, voxel_mm, *, fwhm_mm=4.0, amount=1.0, mode="reflect", _blur=None):
+    """Unsharp mask ``x + amount * (x - gaussian(x, fwhm_mm))``."""
+    xp, _ = namespace(x)
+    blur = gaussian(x, voxel_mm, fwhm_mm=fwhm_mm, mode=mode) if _blur is None else _blur
+    # x + a*(x - blur) = (1 + a) x - a blur, computed in place on the blur.
+    blur *= xp.float32(-amount)
+    blur += xp.float32(1.0 + amount) * x
+    return blur
+
+
+def emboss(x, voxel_mm, *, mode="reflect"):
+    """Correlation with :func:`pipeline.kernels.emboss` (lit along +i+j+k)."""
+    xp, ndi = namespace(x)
+    return ndi.correlate(x, xp.asarray(kernels.emboss(), dtype=xp.float32), mode=mode, output=xp.float32)
+
+
+def convolve_kernel(x, voxel_mm, *, kernel, mode="reflect"):
+    """True convolution with a user kernel (odd sizes; a kernel array or a file path)."""
+    xp, ndi = namespace(x)
+    if not isinstance(kernel, np.ndarray):
+        kernel = kernels.load_kernel_file(kernel)
+    return ndi.convolve(x, xp.asarray(kernel, dtype=xp.float32), mode=mode, output=xp.float32)
+
+
+def _check_axis(axis):
+    axis = str(axis)
+    if axis not in SOBEL_AXES:
+        raise VolfilterError(f"axis must be one of {', '.join(SOBEL_AXES)}, got {axis!r}")
+    return axis
+
+
+# --------------------------------------------------------------------------
+# Registry: one place that names every filter and its parameters. The CLI,
+# the workflow config and the docs are built from it.
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    name: str
+    func: Callable
+    summary: str
+    params: tuple[Param, ...] = field(default_factory=tuple)
+    smoothing: bool = False  # non-negative kernel: missing data by normalised convolution
+
+    def defaults(self) -> dict:
+        return {p.name: p.default for p in self.params if p.default is not None}
+
+
+_AMOUNT = Param("amount", float, 1.0, "strength of the sharpening")
+_AXIS = Param("axis", str, "magnitude", "derivative axis or gradient magnitude", SOBEL_AXES)
+
+FILTERS: dict[str, FilterSpec] = {
+    s.name: s
+    for s in (
+        FilterSpec("identity", identity, "float32 copy of the input (checks the I/O contract)"),
+        FilterSpec(
+            "box",
+            box,
+            "mean over a block of voxels",
+            (
+                Param("size_mm", float, None, "box edge in mm (odd voxel count nearest to it per axis)"),
+                Param("size_vox", int, None, "box edge in voxels, odd (default 3)"),
+            ),
+            smoothing=True,
+        ),
+        FilterSpec(
+            "gaussian",
+            gaussian,
+            "isotropic Gaussian in mm on any voxel grid",
+            (
+                Param("fwhm_mm", float, None, "full width at half maximum in mm"),
+                Param("sigma_mm", float, None, "standard deviation in mm"),
+            ),
+            smoothing=True,
+        ),
+        FilterSpec("sobel", sobel, "Sobel gradient, intensity per mm", (_AXIS,)),
+        FilterSpec("prewitt", prewitt, "Prewitt gradient, intensity per mm", (_AXIS,)),
+        FilterSpec("sharpen", sharpen, "identity minus amount × 6-neighbour Laplacian", (_AMOUNT,)),
+        FilterSpec(
+            "unsharp",
+            unsharp,
+            "unsharp mask x + amount·(x − gaussian(x))",
+            (Param("fwhm_mm", float, 4.0, "FWHM in mm of the Gaussian blur"), _AMOUNT),
+        ),
+        FilterSpec("emboss", emboss, "3-D emboss, lit along the +i+j+k voxel diagonal"),
+        FilterSpec(
+            "kernel",
+            convolve_kernel,
+            "true convolution with a user kernel",
+            (Param("kernel_file", str, None, ".npy or whitespace text, odd sizes"),),
+        ),
+    )
+}
+
+
+def check_params(name: str, params: dict) -> dict:
+    """Validate a filter name and its parameters; return them with defaults filled in.
+
+    Raises :class:`VolfilterError` naming the bad filter or parameter.
+    """
+    if name not in FILTERS:
+        raise VolfilterError(f"unknown filter {name!r}; choose one of {', '.join(FILTERS)}")
+    spec = FILTERS[name]
+    known = {p.name: p for p in spec.params}
+    out = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        if key not in known:
+            allowed = ", ".join(known) or "none"
+            raise VolfilterError(f"filter {name!r} takes no parameter {key!r} (its parameters: {allowed})")
+        p = known[key]
+        try:
+            value = p.type(value)
+        except (TypeError, ValueError):
+            raise VolfilterError(f"{name}: {key} must be {p.type.__name__}, got {value!r}") from None
+        if p.choices and value not in p.choices:
+            raise VolfilterError(f"{name}: {key} must be one of {', '.join(p.choices)}, got {value!r}")
+        if p.type is float and not np.isfinite(value):
+            raise VolfilterError(f"{name}: {key} must be finite, got {value!r}")
+        out[key] = value
+    if name == "gaussian" and ("fwhm_mm" in out) == ("sigma_mm" in out):
+        raise VolfilterError("gaussian: give exactly one of fwhm_mm or sigma_mm")
+    if name == "kernel" and "kernel_file" not in out:
+        raise VolfilterError("kernel: kernel_file is required")
+    for key in ("fwhm_mm", "sigma_mm", "size_mm"):
+        if key in out and not out[key] > 0:
+            raise VolfilterError(f"{name}: {key} must be positive, got {out[key]}")
+    if name == "box":
+        box_size_vox((1.0, 1.0, 1.0), **out)  # validates size_vox / exclusivity
+    return {**spec.defaults(), **out}
+
+
+# --------------------------------------------------------------------------
+# Missing data, masks and 4-D
+
+
+def _fill_nearest(x, valid):
+    """Replace invalid voxels by the value of the nearest valid voxel.
+
+    Signed kernels (derivatives, sharpen, emboss) then see the edge of the
+    valid region the way they see the edge of the image in ``nearest`` mode,
+    instead of a cliff down to zero or NaN.
+    """
+    xp, ndi = namespace(x)
+    idx = ndi.distance_transform_edt(~valid, return_distances=False, return_indices=True)
+    return x[tuple(idx)]
+
+
+def filter_volume(x, voxel_mm, name, params, *, mode="reflect", mask=None):
+    """Filter one 3-D volume, honouring NaN voxels and an optional boolean mask.
+
+    NaN (and infinite) voxels are missing: they do not enter their neighbours'
+    results and stay NaN. Voxels outside ``mask`` are missing and become 0.
+    Smoothing filters (box, gaussian, and the blur inside unsharp) use
+    normalised convolution — ``f(x·w) / f(w)`` with ``w`` the valid voxels, the
+    AFNI 3dBlurInMask idea. Signed kernels see missing voxels filled from the
+    nearest valid voxel.
+    """
+    xp, ndi = namespace(x)
+    spec = FILTERS[name]
+    if mode not in MODES:
+        raise VolfilterError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    x = _f32(xp, ndi, x)
+    finite = xp.isfinite(x)
+    valid = finite if mask is None else finite & mask
+    if bool(valid.all()):
+        return spec.func(x, voxel_mm, mode=mode, **params)
+    if not bool(valid.any()):
+        out = xp.full(x.shape, xp.nan, dtype=xp.float32)
+    elif spec.smoothing or name == "unsharp":
+        w = valid.astype(xp.float32)
+        smoothing_fn = spec.func if spec.smoothing else gaussian
+        smoothing_params = params if spec.smoothing else {"fwhm_mm": params["fwhm_mm"]}
+        num = smoothing_fn(xp.where(valid, x, xp.float32(0)), voxel_mm, mode=mode, **smoothing_params)
+        den = smoothing_fn(w, voxel_mm, mode=mode, **smoothing_params)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            num /= den
+        out = num
+        if name == "unsharp":
+            out = unsharp(xp.where(valid, x, out), voxel_mm, mode=mode, _blur=out, **params)
+    else:
+        out = spec.func(_fill_nearest(x, valid), voxel_mm, mode=mode, **params)
+    out[~finite] = xp.nan
+    if mask is not None:
+        out[~mask] = 0
+    return out
+
+
+def apply_filter(data, voxel_mm, name, *, mode="reflect", mask=None, **params):
+    """Apply filter ``name`` to a 3-D or 4-D array; 4-D is filtered volume by volume.
+
+    Parameters
+    ----------
+    data : ndarray (NumPy or CuPy), 3-D or 4-D
+        Intensities; NaN marks missing voxels.
+    voxel_mm : sequence of 3 floats
+        Voxel sizes in mm along the first three axes.
+    name : str
+        A key of :data:`FILTERS`.
+    mode : str
+        Border handling, as in ``scipy.ndimage``: reflect, nearest, mirror,
+        constant (zero) or wrap.
+    mask : bool array, 3-D, optional
+        Filter within the mask only; voxels outside it become 0.
+    **params
+        The filter's parameters (see ``volfilter filters``).
+
+    Returns
+    -------
+    ndarray
+        float32, same shape and device as ``data``.
+    """
+    xp, _ = namespace(data)
+    params = check_params(name, params)
+    if name == "kernel":
+        params["kernel"] = kernels.load_kernel_file(params.pop("kernel_file"))
+    voxel_mm = tuple(float(v) for v in voxel_mm)
+    if len(voxel_mm) != 3 or not all(np.isfinite(v) and v > 0 for v in voxel_mm):
+        raise VolfilterError(f"voxel sizes must be three positive numbers of mm, got {voxel_mm}")
+    if data.ndim == 3:
+        return filter_volume(data, voxel_mm, name, params, mode=mode, mask=mask)
+    if data.ndim != 4:
+        raise VolfilterError(f"expected a 3-D or 4-D volume, got {data.ndim}-D")
+    if mask is not None and mask.shape != data.shape[:3]:
+        raise VolfilterError(f"mask shape {mask.shape} does not match the volume's {data.shape[:3]}")
+    out = xp.empty(data.shape, dtype=xp.float32, order="F")
+    for t in range(data.shape[3]):
+        out[..., t] = filter_volume(data[..., t], voxel_mm, name, params, mode=mode, mask=mask)
+    return out
