@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("filters", help="list the filters and their options")
 
-    ap = sub.add_parser("apply", help="filter one volume", description="Filter INPUT and write OUTPUT (.nii or .nii.gz).")
+    ap = sub.add_parser(
+        "apply", help="filter one volume", description="Filter INPUT and write OUTPUT (.nii or .nii.gz)."
+    )
     ap.add_argument("input", metavar="INPUT")
     ap.add_argument("output", metavar="OUTPUT")
     ap.add_argument("--filter", required=True, choices=list(FILTERS), metavar="NAME",

@@ -51,7 +51,11 @@ def write_example_dataset(dest) -> list[str]:
         atomic_write(path, lambda fh, data=payload: fh.write(data))
         written.append(path)
     meta = {
-        "dataset_description.json": {"Name": "volfilter example (nibabel test images)", "BIDSVersion": "1.10.0", "DatasetType": "raw"},
+        "dataset_description.json": {
+            "Name": "volfilter example (nibabel test images)",
+            "BIDSVersion": "1.10.0",
+            "DatasetType": "raw",
+        },
         "sub-01/anat/sub-01_T1w.json": {"Description": "nibabel anatomical.nii"},
         "sub-01/func/sub-01_task-rest_bold.json": {"RepetitionTime": 2.0, "TaskName": "rest"},
     }

@@ -39,7 +39,7 @@ def _as_volume(img_or_path) -> io.Volume:
         data = img_or_path.get_fdata(dtype=np.float32)
         if data.ndim not in (3, 4):
             raise VolfilterError(f"expected a 3-D or 4-D image, got {data.ndim}-D")
-        return io.Volume(image=img_or_path, data=data, path="<in-memory image>")
+        return io.Volume(header=img_or_path.header, affine=img_or_path.affine, data=data, path="<in-memory image>")
     raise VolfilterError(f"expected a NIfTI image or a path, got {type(img_or_path).__name__}")
 
 
@@ -61,19 +61,20 @@ def filter_image(img, filter, *, backend="auto", mode="reflect", mask=None, **pa
     """
     vol = _as_volume(img)
     be = backends.resolve(backend)
-    mask_arr = _mask_array(mask, vol.image)
+    mask_arr = _mask_array(mask, vol)
     data = be.to_device(vol.data)
     dmask = None if mask_arr is None else be.to_device(mask_arr)
     out = apply_filter(data, vol.voxel_mm, filter, mode=mode, mask=dmask, **params)
-    return io.derived_image(be.to_host(out), vol.image, f"volfilter {filter}")
+    return io.derived_image(be.to_host(out), vol, f"volfilter {filter}")
 
 
 def _mask_array(mask, reference):
     if mask is None:
         return None
     if isinstance(mask, np.ndarray):
-        if mask.shape != tuple(reference.shape[:3]):
-            raise VolfilterError(f"mask shape {mask.shape} does not match the image's {tuple(reference.shape[:3])}")
+        shape = tuple(reference.data.shape[:3])
+        if mask.shape != shape:
+            raise VolfilterError(f"mask shape {mask.shape} does not match the image's {shape}")
         return mask.astype(bool)
     if isinstance(mask, (str, os.PathLike)):
         return io.load_mask(mask, reference)
@@ -102,14 +103,14 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
         checked.append((job, check_params(job.kind, dict(job.params))))
     be = backends.resolve(backend)
     vol = io.load(input_path)
-    mask = None if mask_path is None else io.load_mask(mask_path, vol.image)
+    mask = None if mask_path is None else io.load_mask(mask_path, vol)
     data = be.to_device(vol.data)
     dmask = None if mask is None else be.to_device(mask)
     in_sha = provenance.sha256(input_path) if sidecars else None
     mask_sha = provenance.sha256(mask_path) if (sidecars and mask_path) else None
     for job, params in checked:
         out = apply_filter(data, vol.voxel_mm, job.kind, mode=mode, mask=dmask, **params)
-        io.save(io.derived_image(be.to_host(out), vol.image, f"volfilter {job.kind}"), job.output)
+        io.save(io.derived_image(be.to_host(out), vol, f"volfilter {job.kind}"), job.output)
         del out
         if sidecars:
             meta = provenance.filter_sidecar(

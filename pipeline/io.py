@@ -19,7 +19,7 @@ Examples
 >>> with tempfile.TemporaryDirectory() as d:
 ...     nib.save(src, os.path.join(d, "in.nii"))
 ...     vol = load(os.path.join(d, "in.nii"))
-...     save(derived_image(vol.data * 2, vol.image), os.path.join(d, "out.nii.gz"))
+...     save(derived_image(vol.data * 2, vol), os.path.join(d, "out.nii.gz"))
 ...     out = nib.load(os.path.join(d, "out.nii.gz"))
 ...     print(vol.data.dtype, vol.voxel_mm, out.get_data_dtype(), float(out.get_fdata()[1, 2, 3]))
 float32 (2.0, 2.0, 3.0) float32 46.0
@@ -58,15 +58,16 @@ GZIP_LEVEL = 1  # nibabel's default level too: float data barely compresses furt
 
 @dataclass
 class Volume:
-    """A loaded NIfTI volume: the image (header, affine) and float32 data."""
+    """A loaded NIfTI volume: the file's header exactly as read, its affine, float32 data."""
 
-    image: nib.Nifti1Image
+    header: nib.Nifti1Header
+    affine: np.ndarray
     data: np.ndarray
     path: str
 
     @property
     def voxel_mm(self) -> tuple[float, float, float]:
-        return voxel_sizes_mm(self.image)
+        return voxel_sizes_mm(self)
 
 
 def voxel_sizes_mm(img) -> tuple[float, float, float]:
@@ -140,7 +141,7 @@ def _image_class(first_bytes: bytes, path: str):
     raise VolfilterError(f"{path}: not a NIfTI-1 or NIfTI-2 file (no valid header size)")
 
 
-def _check_header(img, path: str, file_size: int, is_gz: bool, gz_isize: int | None):
+def _check_header(img, path: str, file_size: int, is_gz: bool, gz_isize: int | None, stored_pixdim):
     hdr = img.header
     shape = tuple(int(s) for s in hdr.get_data_shape())
     while len(shape) > 4 and shape[-1] == 1:
@@ -151,9 +152,9 @@ def _check_header(img, path: str, file_size: int, is_gz: bool, gz_isize: int | N
         raise VolfilterError(f"{path}: {len(shape)}-D image {shape}; only 3-D volumes and 4-D series are supported")
     if min(shape) < 1:
         raise VolfilterError(f"{path}: header declares an empty image of shape {shape}")
-    zooms = hdr.get_zooms()[:3]
+    zooms = [float(z) for z in stored_pixdim]
     if not all(np.isfinite(z) and z > 0 for z in zooms):
-        raise VolfilterError(f"{path}: voxel sizes {tuple(float(z) for z in zooms)} must be positive; fix pixdim[1:4]")
+        raise VolfilterError(f"{path}: voxel sizes (pixdim[1:4]) {tuple(zooms)} must be positive; fix the header")
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolfilterError(f"{path}: the affine is singular or not finite; fix the qform/sform")
@@ -215,8 +216,11 @@ def _open_checked(path: str, with_image):
             first = fh.read(4)
             fh.seek(0)
             klass = _image_class(first, path)
+            # nibabel silently "fixes" zero or negative pixdim on load; look at the stored values.
+            stored_pixdim = klass.header_class.from_fileobj(fh, check=False)["pixdim"][1:4].copy()
+            fh.seek(0)
             img = klass.from_file_map({"header": FileHolder(path, fh), "image": FileHolder(path, fh)})
-            shape = _check_header(img, path, file_size, is_gz, gz_isize)
+            shape = _check_header(img, path, file_size, is_gz, gz_isize, stored_pixdim)
             result = with_image(img, fh)
     except VolfilterError:
         raise
@@ -237,7 +241,7 @@ def load(path) -> Volume:
     Returns
     -------
     Volume
-        ``.image`` (header and affine of the file, data proxy detached),
+        ``.header`` (as in the file), ``.affine``,
         ``.data`` (float32, Fortran-ordered as stored, 3-D or 4-D) and
         ``.voxel_mm``.
     """
@@ -258,14 +262,14 @@ def load(path) -> Volume:
     if data.shape != shape:
         data = data.reshape(shape, order="F")
     # Detach from the (closed) file: the header and affine are all we keep.
-    image = type(img)(np.empty((0,) * 3, np.float32), img.affine, img.header.copy())
-    return Volume(image=image, data=data, path=path)
+    return Volume(header=img.header.copy(), affine=img.affine.copy(), data=data, path=path)
 
 
 def load_mask(path, reference: nib.Nifti1Image) -> np.ndarray:
     """Load a mask aligned with ``reference``: True where non-zero and finite.
 
-    The mask must have the reference's spatial shape and affine (to 1e-3 mm);
+    ``reference`` is a :class:`Volume` or a nibabel image. The mask must have
+    its spatial shape and affine (to 1e-3 mm);
     anything else is a :class:`VolfilterError`.
     """
     vol = load(path)
@@ -275,7 +279,7 @@ def load_mask(path, reference: nib.Nifti1Image) -> np.ndarray:
     ref_shape = tuple(reference.header.get_data_shape()[:3])
     if data.ndim != 3 or data.shape != ref_shape:
         raise VolfilterError(f"mask {path}: shape {data.shape} does not match the image's {ref_shape}")
-    if not np.allclose(vol.image.affine, reference.affine, atol=1e-3):
+    if not np.allclose(vol.affine, reference.affine, atol=1e-3):
         raise VolfilterError(
             f"mask {path}: its affine (orientation/position) differs from the image's; resample the mask first"
         )
@@ -291,13 +295,14 @@ _GEOMETRY_FIELDS = (
 def derived_image(data: np.ndarray, reference, description: str = "volfilter"):
     """Wrap filtered ``data`` in a header that keeps ``reference``'s geometry.
 
+    ``reference`` is a :class:`Volume` or a nibabel NIfTI image.
     The result is float32, of the reference's NIfTI version, with qform, sform
     and their codes, pixdim (zooms and TR), units, intent and slice timing
     unchanged, scaling reset to slope 1 / intercept 0 and cal_min/cal_max
     cleared (the old display range no longer applies).
     """
-    klass = nib.Nifti2Image if isinstance(reference, nib.Nifti2Image) else nib.Nifti1Image
     ref_hdr = reference.header
+    klass = nib.Nifti2Image if isinstance(ref_hdr, nib.Nifti2Header) else nib.Nifti1Image
     hdr = klass.header_class.from_header(ref_hdr) if not isinstance(ref_hdr, klass.header_class) else ref_hdr.copy()
     native = "<" if np.little_endian else ">"
     if hdr.endianness != native:

@@ -160,5 +160,3 @@ def _parse_kernel_text(path: str) -> np.ndarray:
     if len(widths) != 1 or len(heights) != 1:
         raise VolfilterError(f"kernel file {path!r} has ragged rows or blocks of different heights")
     return np.array(blocks)
-
-

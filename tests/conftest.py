@@ -1,0 +1,68 @@
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.example import nibabel_data_file
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def nib_data():
+    """Path of one of nibabel's bundled test images."""
+
+    def get(name):
+        return str(nibabel_data_file(name))
+
+    return get
+
+
+def oblique_affine(voxel_mm=(1.0, 2.0, 3.0), angles=(0.3, -0.2, 0.5), origin=(-20.0, 10.0, 5.0)):
+    """An affine with anisotropic voxels and a rotation about all three axes."""
+    a, b, c = angles
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rz @ ry @ rx @ np.diag(voxel_mm)
+    aff[:3, 3] = origin
+    return aff
+
+
+@pytest.fixture
+def write_nifti(tmp_path):
+    """Write an array as NIfTI under tmp_path and return the path."""
+
+    def write(data, name="img.nii.gz", affine=None, klass=nib.Nifti1Image, **header):
+        img = klass(np.asarray(data), np.eye(4) if affine is None else affine)
+        for key, value in header.items():
+            img.header[key] = value
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(img, path)
+        return str(path)
+
+    return write
+
+
+def gpu_ready():
+    from pipeline.backend import gpu_available
+
+    return gpu_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("VOLFILTER_REQUIRE_GPU"):
+        return
+    skip = None
+    for item in items:
+        if "gpu" in item.keywords:
+            if skip is None:
+                skip = pytest.mark.skip(reason="CuPy or a CUDA device is not available") if not gpu_ready() else False
+            if skip:
+                item.add_marker(skip)

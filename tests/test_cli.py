@@ -1,0 +1,186 @@
+"""The volfilter CLI: outputs, sidecars, and one-line errors that write nothing."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from pipeline import filter_image
+from pipeline.cli import main
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def run_cli(capsys, *args):
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_one_line_error(rc, err, fragment):
+    assert rc != 0
+    assert err.startswith("volfilter: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert fragment.lower() in err.lower(), err
+
+
+def test_apply_writes_volume_and_sidecar(nib_data, tmp_path, capsys):
+    out = tmp_path / "smooth.nii.gz"
+    rc, _, err = run_cli(
+        capsys, "apply", nib_data("anatomical.nii"), out, "--filter", "gaussian", "--fwhm-mm", 6, "--backend", "cpu"
+    )
+    assert rc == 0, err
+    expected = filter_image(nib_data("anatomical.nii"), "gaussian", fwhm_mm=6, backend="cpu")
+    assert_allclose(nib.load(out).get_fdata(), expected.get_fdata(), rtol=1e-6)
+    meta = json.loads((tmp_path / "smooth.json").read_text())
+    assert meta["Filter"] == {"kind": "gaussian", "fwhm_mm": 6.0}
+    assert meta["InputSHA256"] == digest(nib_data("anatomical.nii"))
+    assert meta["Backend"] == "cpu" and "nibabel" in meta["SoftwareVersions"]
+
+
+def test_batch_applies_several_filters_on_one_load(nib_data, tmp_path, capsys):
+    spec = {"s6": {"kind": "gaussian", "fwhm_mm": 6}, "edges": {"kind": "sobel"}}
+    rc, _, err = run_cli(capsys, "batch", nib_data("example4d.nii.gz"), "--filters-json", json.dumps(spec),
+                         "--output", f"s6={tmp_path / 's6.nii.gz'}", "--output", f"edges={tmp_path / 'e.nii'}")  # fmt: skip
+    assert rc == 0, err
+    assert nib.load(tmp_path / "s6.nii.gz").shape == (128, 96, 24, 2)
+    ref = filter_image(nib_data("example4d.nii.gz"), "sobel", backend="cpu")
+    assert_allclose(nib.load(tmp_path / "e.nii").get_fdata(), ref.get_fdata(), rtol=1e-6)
+
+
+def test_mask_option(tmp_path, write_nifti, capsys):
+    data = np.full((10, 10, 10), 100.0, np.float32)
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[2:8, 2:8, 2:8] = 1
+    data[mask == 1] = 5.0
+    src = write_nifti(data, "in.nii.gz")
+    m = write_nifti(mask, "mask.nii.gz")
+    rc, _, err = run_cli(capsys, "apply", src, tmp_path / "o.nii.gz", "--filter", "box", "--mask", m)
+    assert rc == 0, err
+    out = nib.load(tmp_path / "o.nii.gz").get_fdata()
+    assert_allclose(out[mask == 1], 5.0, rtol=1e-6)
+    assert (out[mask == 0] == 0).all()
+
+
+def test_filters_lists_every_filter(capsys):
+    from pipeline.filters import FILTERS
+
+    rc, out, _ = run_cli(capsys, "filters")
+    assert rc == 0
+    for name in FILTERS:
+        assert name in out
+    assert "--fwhm-mm" in out and "--kernel-file" in out
+
+
+def _bad_inputs(tmp, nib_data):
+    """(name, args builder, expected message fragment) for every user-caused error."""
+    good = nib_data("anatomical.nii")
+    (tmp / "empty.nii").write_bytes(b"")
+    (tmp / "noise.nii.gz").write_bytes(os.urandom(2000))
+    (tmp / "notgz.nii.gz").write_bytes(open(good, "rb").read())
+    full = open(nib_data("example4d.nii.gz"), "rb").read()
+    (tmp / "cut.nii.gz").write_bytes(full[: len(full) // 3])
+    (tmp / "cut.nii").write_bytes(open(good, "rb").read()[:5000])
+    nib.save(nib.Nifti1Image(np.zeros((5, 5), np.float32), np.eye(4)), tmp / "flat.nii")
+    nib.save(nib.Nifti1Image(np.zeros((33, 41, 24), np.uint8), np.eye(4)), tmp / "badmask.nii")
+    (tmp / "k.txt").write_text("1 2\n3 4\n")
+    (tmp / "text.txt").write_text("hello")
+    return [
+        ("missing", [tmp / "nope.nii.gz"], "no such file"),
+        ("empty", [tmp / "empty.nii"], "empty"),
+        ("random bytes", [tmp / "noise.nii.gz"], "not gzip"),
+        ("uncompressed named gz", [tmp / "notgz.nii.gz"], "not gzip-compressed"),
+        ("truncated gz", [tmp / "cut.nii.gz"], "truncated"),
+        ("truncated nii", [tmp / "cut.nii"], "truncated"),
+        ("2-D", [tmp / "flat.nii"], "2-D"),
+        ("not nifti name", [tmp / "text.txt"], ".nii"),
+        ("mask shape", [good, "--mask", tmp / "badmask.nii"], "shape"),
+        ("missing mask", [good, "--mask", tmp / "nomask.nii"], "no such file"),
+        ("bad kernel", [good, "--filter-override", "kernel", "--kernel-file", tmp / "k.txt"], "odd"),
+        ("wrong option", [good, "--filter-override", "sobel", "--fwhm-mm", "3"], "does not take"),
+        ("negative fwhm", [good, "--fwhm-mm", "-3"], "positive"),
+        ("bad mode", [good, "--mode", "bounce"], "invalid choice"),
+    ]
+
+
+def test_bad_inputs_fail_with_one_line_and_write_nothing(nib_data, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cases = _bad_inputs(inputs, nib_data)
+    before = {p: digest(p) for p in inputs.iterdir()}
+    for name, args, fragment in cases:
+        out_dir = tmp_path / ("out-" + name.replace(" ", "_"))
+        out_dir.mkdir()
+        args = [str(a) for a in args]
+        filt = ["--filter", "gaussian", "--fwhm-mm", "4"]
+        if "--filter-override" in args:
+            i = args.index("--filter-override")
+            filt = ["--filter", args[i + 1]]
+            del args[i : i + 2]
+        if "--fwhm-mm" in args:
+            filt = [f for f in filt if f not in ("--fwhm-mm", "4")]
+        cli_args = ["apply", args[0], str(out_dir / "o.nii.gz"), *filt, *args[1:]]
+        rc, _, err = run_cli(capsys, *cli_args)
+        assert_one_line_error(rc, err, fragment)
+        assert os.listdir(out_dir) == [], name
+    assert {p: digest(p) for p in inputs.iterdir()} == before
+
+
+def test_output_same_as_input_refused(nib_data, tmp_path, capsys):
+    src = tmp_path / "a.nii.gz"
+    src.write_bytes(open(nib_data("example4d.nii.gz"), "rb").read())
+    before = digest(src)
+    rc, _, err = run_cli(capsys, "apply", src, src, "--filter", "identity")
+    assert_one_line_error(rc, err, "overwrite the input")
+    assert digest(src) == before
+
+
+def test_unwritable_output_folder(nib_data, tmp_path, capsys):
+    rc, _, err = run_cli(
+        capsys, "apply", nib_data("anatomical.nii"), tmp_path / "no" / "dir" / "o.nii.gz", "--filter", "identity"
+    )
+    assert_one_line_error(rc, err, "does not exist")
+    if os.geteuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        rc, _, err = run_cli(capsys, "apply", nib_data("anatomical.nii"), locked / "o.nii.gz", "--filter", "identity")
+        assert_one_line_error(rc, err, "cannot write")
+
+
+def test_gpu_requested_without_gpu_is_one_line(nib_data, tmp_path, capsys, monkeypatch):
+    from pipeline import backend
+
+    monkeypatch.setattr(backend, "gpu_available", lambda: False)
+    rc, _, err = run_cli(
+        capsys, "apply", nib_data("anatomical.nii"), tmp_path / "o.nii.gz", "--filter", "identity", "--backend", "gpu"
+    )
+    assert_one_line_error(rc, err, "CuPy")
+    assert os.listdir(tmp_path) == []
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"\x1f\x8b" + os.urandom(100))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "apply", str(bad), str(tmp_path / "o.nii.gz"), "--filter", "identity"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("volfilter: error:"), proc.stderr
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_help_and_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and "volfilter" in capsys.readouterr().out
+    for cmd in (["--help"], ["apply", "--help"], ["batch", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(cmd)
+        assert exc.value.code == 0

@@ -1,0 +1,256 @@
+"""The NIfTI contract, checked with nibabel round trips on real and built images."""
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import oblique_affine
+from numpy.testing import assert_allclose, assert_array_equal
+
+from pipeline import VolfilterError, filter_image
+from pipeline import io as vio
+
+GEOMETRY = ["qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+            "qoffset_z", "srow_x", "srow_y", "srow_z", "pixdim", "xyzt_units", "intent_code", "intent_p1",
+            "intent_name", "dim", "slice_code", "slice_duration", "dim_info"]  # fmt: skip
+
+
+def roundtrip(src_path, tmp_path, name="out.nii.gz"):
+    vol = vio.load(src_path)
+    out_path = tmp_path / name
+    vio.save(vio.derived_image(vol.data, vol), out_path)
+    assert_header_kept(src_path, out_path)
+    return vol, nib.load(out_path)
+
+
+def raw_header(path):
+    """The header exactly as stored (nib.load hides the stored scl_slope/scl_inter)."""
+    img = nib.load(path)
+    with nib.openers.ImageOpener(path) as fh:
+        return type(img), type(img.header).from_fileobj(fh)
+
+
+def assert_header_kept(src_path, out_path):
+    src_type, src = raw_header(src_path)
+    out_type, out = raw_header(out_path)
+    assert out_type is src_type
+    assert out.get_data_dtype() == np.dtype("float32")
+    for key in GEOMETRY:
+        assert_array_equal(np.asarray(out[key]), np.asarray(src[key]), err_msg=key)
+    assert_allclose(nib.load(out_path).affine, nib.load(src_path).affine)
+    assert out.get_zooms() == pytest.approx(src.get_zooms())
+    assert out.get_xyzt_units() == src.get_xyzt_units()
+    assert float(out["scl_slope"]) == 1.0 and float(out["scl_inter"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "name", ["anatomical.nii", "example4d.nii.gz", "example_nifti2.nii.gz", "standard.nii.gz", "functional.nii"]
+)
+@pytest.mark.parametrize("out_ext", [".nii.gz", ".nii"])
+def test_real_images_roundtrip(nib_data, tmp_path, name, out_ext):
+    src = nib.load(nib_data(name))
+    vol, out = roundtrip(nib_data(name), tmp_path, "out" + out_ext)
+    assert vol.data.dtype == np.float32
+    assert_allclose(out.get_fdata(), src.get_fdata(), rtol=1e-6)
+    with open(tmp_path / ("out" + out_ext), "rb") as fh:
+        assert (fh.read(2) == b"\x1f\x8b") == (out_ext == ".nii.gz")
+
+
+def test_tr_and_4d_shape_kept(nib_data, tmp_path):
+    _, out = roundtrip(nib_data("example4d.nii.gz"), tmp_path)
+    assert out.shape == (128, 96, 24, 2)
+    assert out.header.get_zooms()[3] == pytest.approx(2000.0)
+
+
+def test_scaling_applied_and_reset(write_nifti, tmp_path):
+    raw = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_data_dtype(np.int16)
+    img.header.set_slope_inter(2.0, 10.0)
+    path = tmp_path / "scaled.nii"
+    img.to_filename(path)
+    # nibabel stores our slope/inter as given; the float32 working copy applies them.
+    vol = vio.load(path)
+    assert vol.data.dtype == np.float32
+    assert_allclose(vol.data, raw * 2.0 + 10.0)
+    _, out = roundtrip(path, tmp_path)
+    assert_allclose(out.get_fdata(), raw * 2.0 + 10.0)
+
+
+def test_big_endian_input(tmp_path, rng):
+    data = rng.normal(size=(4, 5, 6)).astype(">f4")
+    img = nib.Nifti1Image(data, oblique_affine())
+    img.header.set_qform(img.affine, code=1)
+    img.header.set_sform(img.affine, code=4)
+    be = nib.Nifti1Image(data, img.affine, img.header.as_byteswapped(">"))
+    path = tmp_path / "be.nii"
+    be.to_filename(path)
+    assert nib.load(path).header.endianness == ">"
+    vol, out = roundtrip(path, tmp_path)
+    assert_allclose(out.get_fdata(), data.astype(np.float64), rtol=1e-6)
+    assert int(out.header["sform_code"]) == 4 and int(out.header["qform_code"]) == 1
+    assert_allclose(out.affine, img.affine, atol=1e-5)
+
+
+def test_intent_and_units_kept(tmp_path):
+    img = nib.Nifti1Image(np.ones((3, 3, 3), np.float32), np.diag([1.2, 1.2, 3, 1]))
+    img.header.set_intent("z score")
+    img.header.set_xyzt_units("mm", "msec")
+    path = tmp_path / "z.nii.gz"
+    img.to_filename(path)
+    _, out = roundtrip(path, tmp_path)
+    assert out.header.get_intent()[0] == "z score"
+    assert out.header.get_xyzt_units() == ("mm", "msec")
+
+
+def test_voxel_sizes_come_from_the_affine(tmp_path):
+    aff = oblique_affine((1.0, 2.0, 3.0))
+    assert vio.voxel_sizes_mm(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), aff)) == pytest.approx((1, 2, 3))
+
+
+def test_gzip_output_is_deterministic_and_standard(nib_data, tmp_path):
+    vol = vio.load(nib_data("anatomical.nii"))
+    img = vio.derived_image(vol.data, vol)
+    vio.save(img, tmp_path / "a.nii.gz")
+    vio.save(img, tmp_path / "b.nii.gz")
+    a = (tmp_path / "a.nii.gz").read_bytes()
+    assert a == (tmp_path / "b.nii.gz").read_bytes()
+    assert a[4:8] == b"\0\0\0\0"  # no timestamp
+    assert not a[3] & 0x08  # no file name stored
+    # Any standard gzip reader gets the same NIfTI bytes back.
+    nii = gzip.decompress(a)
+    assert nib.Nifti1Image.from_bytes(nii).get_fdata().sum() == pytest.approx(float(vol.data.sum()), rel=1e-6)
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch, nib_data):
+    vol = vio.load(nib_data("anatomical.nii"))
+    img = vio.derived_image(vol.data, vol)
+    target = tmp_path / "out.nii.gz"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(type(img), "to_file_map", boom)
+    with pytest.raises(RuntimeError):
+        vio.save(img, target)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_write_keeps_previous_complete_file(tmp_path, monkeypatch, nib_data):
+    vol = vio.load(nib_data("anatomical.nii"))
+    img = vio.derived_image(vol.data, vol)
+    target = tmp_path / "out.nii.gz"
+    vio.save(img, target)
+    before = target.read_bytes()
+    monkeypatch.setattr(type(img), "to_file_map", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        vio.save(img, target)
+    assert target.read_bytes() == before and os.listdir(tmp_path) == ["out.nii.gz"]
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _header_only(tmp_path, shape, name="huge.nii", dtype=np.float32):
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_zooms((1.0,) * len(shape))
+    path = tmp_path / name
+    with open(path, "wb") as fh:
+        hdr.write_to(fh)
+        fh.write(b"\0" * 4)
+    return path
+
+
+def test_huge_header_refused_from_header_alone(tmp_path):
+    path = _header_only(tmp_path, (30000, 30000, 30000))
+    # The file holds no data: refusing on memory (not truncation) proves nothing was allocated or read.
+    with pytest.raises(VolfilterError, match="GiB"):
+        vio.load(path)
+
+
+def test_truncated_uncompressed_refused(tmp_path):
+    path = _header_only(tmp_path, (10, 10, 10))
+    with pytest.raises(VolfilterError, match="truncated"):
+        vio.load(path)
+
+
+def test_truncated_gz_refused(nib_data, tmp_path):
+    data = open(nib_data("example4d.nii.gz"), "rb").read()
+    path = tmp_path / "cut.nii.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VolfilterError, match="truncated|corrupt"):
+        vio.load(path)
+
+
+@pytest.mark.parametrize(
+    "content,name,fragment",
+    [
+        (b"", "empty.nii", "empty"),
+        (os.urandom(4096), "noise.nii.gz", "not gzip"),
+        (gzip.compress(os.urandom(4096)), "noise2.nii.gz", "not a NIfTI"),
+        (b"hello world, not an image" * 20, "text.nii", "not a NIfTI"),
+    ],
+)
+def test_not_nifti_refused(tmp_path, content, name, fragment):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(VolfilterError, match=fragment):
+        vio.load(path)
+
+
+def test_uncompressed_named_gz_refused(nib_data, tmp_path):
+    path = tmp_path / "plain.nii.gz"
+    path.write_bytes(open(nib_data("anatomical.nii"), "rb").read())
+    with pytest.raises(VolfilterError, match="not gzip-compressed"):
+        vio.load(path)
+
+
+@pytest.mark.parametrize("shape,fragment", [((10, 10), "2-D"), ((4, 4, 4, 2, 2), "5-D"), ((4, 0, 4), "empty")])
+def test_dimensionality_refused(tmp_path, shape, fragment):
+    img = nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4))
+    path = tmp_path / "x.nii"
+    img.to_filename(path)
+    with pytest.raises(VolfilterError, match=fragment):
+        vio.load(path)
+
+
+def test_trailing_singleton_dims_are_accepted(tmp_path):
+    img = nib.Nifti1Image(np.ones((4, 4, 4, 1, 1), np.float32), np.eye(4))
+    img.to_filename(tmp_path / "x.nii")
+    assert vio.load(tmp_path / "x.nii").data.shape == (4, 4, 4, 1)
+
+
+@pytest.mark.parametrize("zooms", [(1.0, 0.0, 1.0), (1.0, -2.0, 1.0)])
+def test_zero_or_negative_voxel_size_refused(tmp_path, zooms):
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((4, 4, 4))
+    hdr.set_data_dtype(np.float32)
+    hdr.set_qform(np.eye(4), code=0)
+    hdr.set_sform(np.eye(4), code=0)
+    hdr["pixdim"][1:4] = zooms
+    path = tmp_path / "z.nii"
+    with open(path, "wb") as fh:
+        hdr.write_to(fh)
+        fh.write(np.zeros(64, np.float32).tobytes())
+    with pytest.raises(VolfilterError, match="voxel sizes"):
+        vio.load(path)
+
+
+def test_mask_shape_and_orientation_checked(tmp_path, write_nifti):
+    ref = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4))
+    with pytest.raises(VolfilterError, match="shape"):
+        vio.load_mask(write_nifti(np.ones((4, 5, 7), np.uint8), "m1.nii"), ref)
+    with pytest.raises(VolfilterError, match="affine"):
+        vio.load_mask(write_nifti(np.ones((4, 5, 6), np.uint8), "m2.nii", affine=np.diag([-1, 1, 1, 1])), ref)
+
+
+def test_filter_image_accepts_image_and_path(nib_data):
+    a = filter_image(nib_data("anatomical.nii"), "gaussian", fwhm_mm=4, backend="cpu")
+    b = filter_image(nib.load(nib_data("anatomical.nii")), "gaussian", fwhm_mm=4, backend="cpu")
+    assert_allclose(a.get_fdata(), b.get_fdata())
+    assert a.header.get_data_dtype() == np.float32
+    assert_allclose(a.affine, nib.load(nib_data("anatomical.nii")).affine)
