@@ -1,0 +1,175 @@
+"""Input discovery: a BIDS dataset or a plain folder of NIfTI files, parsed strictly.
+
+Every discovered input gets an output *base* (relative path without the
+``desc`` entity) and *suffix* such that a derivative is
+``<output_dir>/<base>_desc-<name><suffix>.nii.gz``. BIDS labels are
+alphanumeric and folder names must agree with the file name's entities, so
+nothing in a file name can place an output outside the output folder.
+
+Examples
+--------
+>>> parse_bids_path("sub-01/ses-pre/anat/sub-01_ses-pre_T1w.nii.gz").base
+'sub-01/ses-pre/anat/sub-01_ses-pre'
+>>> parse_bids_path("sub-01/anat/sub-02_T1w.nii.gz") is None  # folder and name disagree
+True
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import VolfilterError
+
+LABEL = r"[A-Za-z0-9]+"
+_ENTITY = re.compile(rf"^([a-z]+)-({LABEL})$")
+_SUFFIX = re.compile(rf"^{LABEL}$")
+_DATATYPE = re.compile(r"^[a-z]+$")
+NIFTI_RE = re.compile(r"\.nii(\.gz)?$")
+# Folders of a BIDS root that hold no raw subject data.
+SKIP_DIRS = {"derivatives", "sourcedata", "code", "stimuli", "phenotype"}
+
+
+@dataclass(frozen=True)
+class InputVolume:
+    """One input image and where its derivatives go (relative to the output folder)."""
+
+    path: str
+    base: str  # e.g. "sub-01/ses-pre/anat/sub-01_ses-pre" or a plain file's stem
+    suffix: str  # e.g. "_T1w"; "" for plain folders
+    subject: str = ""
+    session: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.base + self.suffix
+
+    def derivative(self, name: str, ext: str = ".nii.gz") -> str:
+        return f"{self.base}_desc-{name}{self.suffix}{ext}"
+
+
+def parse_bids_path(relpath: str, root: str = "") -> InputVolume | None:
+    """Parse ``sub-X[/ses-Y]/<datatype>/sub-X[_ses-Y][_key-value...]_<suffix>.nii[.gz]``.
+
+    Returns None for anything that does not follow that grammar exactly.
+    An existing ``desc`` entity (e.g. fMRIPrep's ``desc-preproc``) is replaced
+    by the filter's; :func:`discover` refuses inputs that would then collide.
+    """
+    parts = relpath.replace(os.sep, "/").split("/")
+    if len(parts) not in (3, 4) or not NIFTI_RE.search(parts[-1]):
+        return None
+    fname = NIFTI_RE.sub("", parts[-1])
+    datatype = parts[-2]
+    if not _DATATYPE.match(datatype):
+        return None
+    fields = fname.split("_")
+    if len(fields) < 2 or not _SUFFIX.match(fields[-1]):
+        return None
+    entities = []
+    for field in fields[:-1]:
+        m = _ENTITY.match(field)
+        if not m:
+            return None
+        entities.append((m.group(1), m.group(2)))
+    keys = [k for k, _ in entities]
+    if keys[0] != "sub" or len(set(keys)) != len(keys):
+        return None
+    ent = dict(entities)
+    if parts[0] != f"sub-{ent['sub']}":
+        return None
+    if len(parts) == 4:
+        if "ses" not in ent or parts[1] != f"ses-{ent['ses']}":
+            return None
+    elif "ses" in ent:
+        return None
+    name = "_".join(f"{k}-{v}" for k, v in entities if k != "desc")
+    base = "/".join(parts[:-1]) + "/" + name
+    path = os.path.join(root, *parts) if root else relpath
+    return InputVolume(path=path, base=base, suffix="_" + fields[-1], subject=ent["sub"], session=ent.get("ses", ""))
+
+
+def is_bids_root(path: str) -> bool:
+    """A folder is treated as BIDS if it has dataset_description.json or sub-* folders."""
+    if os.path.isfile(os.path.join(path, "dataset_description.json")):
+        return True
+    return any(n.startswith("sub-") and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+
+
+def discover(input_dir: str, suffixes=("T1w",), participants=()) -> tuple[list[InputVolume], list[str]]:
+    """Find the input volumes under ``input_dir``.
+
+    Returns ``(volumes, skipped)``: the volumes sorted by path, and a message
+    for every NIfTI-named file that was not taken (and why), so nothing is
+    dropped silently.
+    """
+    if not os.path.isdir(input_dir):
+        raise VolfilterError(f"input_dir {input_dir!r} is not a folder")
+    if is_bids_root(input_dir):
+        return _discover_bids(input_dir, tuple(suffixes), _participant_labels(participants))
+    return _discover_plain(input_dir)
+
+
+def _participant_labels(participants) -> set[str]:
+    return {p[4:] if p.startswith("sub-") else p for p in participants or ()}
+
+
+def selected(vol: InputVolume, suffixes, wanted: set[str]) -> bool:
+    """True if ``vol`` has one of ``suffixes`` and its subject is wanted (empty: all)."""
+    return vol.suffix[1:] in suffixes and (not wanted or vol.subject in wanted)
+
+
+def example_inputs(example_dir: str, suffixes=("T1w",), participants=()) -> list[InputVolume]:
+    """The bundled example's inputs, known before the example is written."""
+    from .example import EXAMPLE_FILES
+
+    wanted = _participant_labels(participants)
+    vols = [parse_bids_path(rel, example_dir) for rel in EXAMPLE_FILES]
+    return sorted((v for v in vols if selected(v, tuple(suffixes), wanted)), key=lambda v: v.path)
+
+
+def _discover_bids(root, suffixes, wanted):
+    volumes, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS)
+        for fname in sorted(filenames):
+            if not NIFTI_RE.search(fname) or fname.startswith("."):
+                continue
+            rel = fname if rel_dir == "." else os.path.join(rel_dir, fname)
+            vol = parse_bids_path(rel, root)
+            if vol is None:
+                skipped.append(f"{rel}: not a valid BIDS file name or location")
+                continue
+            if selected(vol, suffixes, wanted):
+                volumes.append(vol)
+    return _no_collisions(sorted(volumes, key=lambda v: v.path)), skipped
+
+
+def _no_collisions(volumes):
+    seen = {}
+    for vol in volumes:
+        if vol.key in seen:
+            raise VolfilterError(
+                f"{seen[vol.key].path} and {vol.path} would get the same output names (they differ only in "
+                "desc entity or extension); move one out of input_dir"
+            )
+        seen[vol.key] = vol
+    return volumes
+
+
+_PLAIN_STEM = re.compile(r"^[^./\\{}][^/\\{}]*$")
+
+
+def _discover_plain(root):
+    volumes, skipped = [], []
+    for fname in sorted(os.listdir(root)):
+        full = os.path.join(root, fname)
+        if not NIFTI_RE.search(fname) or not os.path.isfile(full):
+            continue
+        stem = NIFTI_RE.sub("", fname)
+        if not _PLAIN_STEM.match(stem) or stem in (".", ".."):
+            skipped.append(f"{fname}: file name cannot be used for an output name (hidden, braces or path characters)")
+            continue
+        volumes.append(InputVolume(path=full, base=stem, suffix=""))
+    return _no_collisions(volumes), skipped

@@ -1,0 +1,87 @@
+"""Helpers for the Snakemake rules: config checks, inputs, resource estimates.
+
+Pure functions, so the workflow's logic is tested without Snakemake.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from . import bids
+from .errors import VolfilterError
+from .filters import check_params
+from .io import read_header, working_bytes
+
+EXAMPLE = "example"
+PYTHON_BASELINE_MB = 400  # interpreter + numpy/scipy/nibabel, measured RSS ~150-250 MB
+
+
+def check_filters(filters: dict) -> dict:
+    """Validate every configured filter with the package's own rules.
+
+    Returns ``{name: {"kind": ..., params...}}`` with defaults filled in.
+    Raises :class:`VolfilterError` naming the config key.
+    """
+    out = {}
+    for name, spec in filters.items():
+        params = {k: v for k, v in spec.items() if k != "kind"}
+        try:
+            full = check_params(spec.get("kind", ""), params)
+        except VolfilterError as exc:
+            raise VolfilterError(f"config key filters.{name}: {exc}") from None
+        out[name] = {"kind": spec["kind"], **full}
+    return out
+
+
+def filters_json(filters: dict) -> str:
+    """Canonical JSON of the checked filters (sorted keys: params change only when values do)."""
+    return json.dumps(check_filters(filters), sort_keys=True, separators=(",", ":"))
+
+
+def kernel_files(filters: dict) -> list[str]:
+    return sorted({spec["kernel_file"] for spec in filters.values() if spec.get("kind") == "kernel"})
+
+
+def find_inputs(config: dict, example_dir: str):
+    """``(volumes, skipped)`` for the configured ``input_dir`` (or the bundled example)."""
+    suffixes = tuple(config.get("suffixes", ["T1w"]))
+    participants = config.get("participants", [])
+    if config["input_dir"] == EXAMPLE:
+        return bids.example_inputs(example_dir, suffixes, participants), []
+    volumes, skipped = bids.discover(config["input_dir"], suffixes, participants)
+    if not volumes:
+        raise VolfilterError(
+            f"config key input_dir: no NIfTI volumes with suffixes {list(suffixes)} found under {config['input_dir']!r}"
+        )
+    return volumes, skipped
+
+
+def mem_mb(path: str, attempt: int = 1) -> int:
+    """Memory request for one filter job on ``path``, from its header (grows on retries)."""
+    try:
+        shape = read_header(path).header.get_data_shape()
+        need = working_bytes(shape)
+    except (VolfilterError, OSError):
+        # Not there yet (made by an upstream rule) or unreadable (the job will say why).
+        need = 256 * 2**20
+    return int(math.ceil(need / 2**20 * (1 + 0.5 * (attempt - 1)))) + PYTHON_BASELINE_MB
+
+
+def runtime_min(path: str, n_filters: int, attempt: int = 1) -> int:
+    """Generous wall-time request in minutes: ~1 s per 10 M voxels per filter on one core, x30 margin."""
+    try:
+        shape = read_header(path).header.get_data_shape()
+        voxels = math.prod(int(s) for s in shape)
+    except (VolfilterError, OSError):
+        voxels = 256**3
+    return max(5, math.ceil(30 * n_filters * voxels / 1e7 / 60)) * attempt
+
+
+def safe_join(root: str, rel: str) -> str:
+    """Join and check that the result stays inside ``root``."""
+    full = os.path.normpath(os.path.join(root, rel))
+    if os.path.commonpath([os.path.abspath(full), os.path.abspath(root)]) != os.path.abspath(root):
+        raise VolfilterError(f"{rel!r} would be written outside {root!r}")
+    return full

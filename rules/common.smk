@@ -1,0 +1,85 @@
+import os
+import shlex
+import sys
+
+from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+sys.path.insert(0, workflow.basedir)  # the pipeline package of this very checkout
+
+from pipeline import VolfilterError
+from pipeline import workflow as wf
+from pipeline.example import EXAMPLE_FILES
+
+validate(config, schema="../config/schema.yaml")
+try:
+    FILTERS_JSON = wf.filters_json(config["filters"])
+    VOLUMES, SKIPPED = wf.find_inputs(config, os.path.join("resources", "example_bids"))
+except VolfilterError as exc:
+    raise WorkflowError(f"invalid config: {exc}")
+
+for message in SKIPPED:
+    print(f"volfilter: skipped {message}", file=sys.stderr)
+
+OUT = config["output_dir"]
+EXAMPLE_DIR = os.path.join("resources", "example_bids")
+FILTER_NAMES = sorted(config["filters"])
+KERNEL_FILES = wf.kernel_files(config["filters"])
+BY_KEY = {v.key: v for v in VOLUMES}
+GPU_REQUEST = 1 if config.get("backend", "auto") == "gpu" else 0
+
+
+def _cli():
+    """The volfilter CLI of this checkout, run by the job's Python (a conda env's with --sdm conda)."""
+    uses_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    python = "python" if uses_conda else shlex.quote(sys.executable)
+    return f"PYTHONPATH={shlex.quote(workflow.basedir)} {python} -m pipeline"
+
+
+VOLFILTER = _cli()
+
+
+wildcard_constraints:
+    base=r".+",
+    suffix=r"(_[A-Za-z0-9]+)?",
+    name=r"[A-Za-z0-9]+",
+
+
+def volume(wildcards):
+    key = wildcards.base + wildcards.suffix
+    if key not in BY_KEY:
+        raise WorkflowError(f"no input volume for {key!r}")
+    return BY_KEY[key]
+
+
+def input_image(wildcards):
+    return volume(wildcards).path
+
+
+def example_root(wildcards, output):
+    first = next(iter(EXAMPLE_FILES))
+    return output[0][: -len(os.path.join(*first.split("/")))].rstrip(os.sep)
+
+
+def output_args(wildcards, output):
+    return " ".join(shlex.quote(f"--output={name}={path}") for name, path in zip(FILTER_NAMES, output.volumes))
+
+
+def filter_mem_mb(wildcards, attempt):
+    return wf.mem_mb(input_image(wildcards), attempt)
+
+
+def filter_runtime(wildcards, attempt):
+    return wf.runtime_min(input_image(wildcards), len(FILTER_NAMES), attempt)
+
+
+def derivative_paths(ext):
+    return [os.path.join(OUT, v.derivative(n, ext)) for v in VOLUMES for n in FILTER_NAMES]
+
+
+def all_outputs():
+    outputs = derivative_paths(".nii.gz") + derivative_paths(".json")
+    outputs.append(os.path.join(OUT, "dataset_description.json"))
+    if config.get("qc", True):
+        outputs += qc_outputs()
+    return outputs

@@ -1,0 +1,62 @@
+rule example_dataset:
+    output:
+        [os.path.join(EXAMPLE_DIR, rel) for rel in EXAMPLE_FILES],
+    log:
+        os.path.join("resources", "logs", "example_dataset.log"),
+    conda:
+        "../environment.yml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        cli=VOLFILTER,
+        dest=example_root,
+    shell:
+        "{params.cli} example-data {params.dest:q} > {log:q} 2>&1"
+
+
+rule filter_volume:
+    input:
+        img=input_image,
+        kernels=KERNEL_FILES,
+    output:
+        volumes=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}.nii.gz"), name=FILTER_NAMES),
+        sidecars=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}.json"), name=FILTER_NAMES),
+    log:
+        os.path.join(OUT, "logs", "filter", "{base}{suffix}.log"),
+    group:
+        "filter"
+    conda:
+        "../environment.yml"
+    threads: 1
+    resources:
+        mem_mb=filter_mem_mb,
+        runtime=filter_runtime,
+        gpu=GPU_REQUEST,
+    params:
+        cli=VOLFILTER,
+        filters=FILTERS_JSON,
+        outputs=output_args,
+        backend=config["backend"],
+        mode=config["mode"],
+    shell:
+        "{params.cli} batch {input.img:q} --filters-json {params.filters:q} {params.outputs}"
+        " --backend {params.backend} --mode {params.mode} > {log:q} 2>&1"
+
+
+rule dataset_description:
+    output:
+        os.path.join(OUT, "dataset_description.json"),
+    log:
+        os.path.join(OUT, "logs", "dataset_description.log"),
+    conda:
+        "../environment.yml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        cli=VOLFILTER,
+    shell:
+        "{params.cli} dataset-description {output:q} > {log:q} 2>&1"
