@@ -35,6 +35,23 @@ def check_filters(filters: dict) -> dict:
     return out
 
 
+def filters_from_configfiles(paths) -> dict | None:
+    """The ``filters`` mapping of the last of ``paths`` (``--configfile``) that sets one.
+
+    Snakemake deep-merges config files, so a study's own filter set would be
+    added to the defaults instead of replacing them; the workflow uses this to
+    make a configfile's ``filters`` the whole set.
+    """
+    import yaml
+
+    for path in reversed([os.fspath(p) for p in paths or ()]):
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if isinstance(data, dict) and "filters" in data:
+            return data["filters"]
+    return None
+
+
 def filters_json(filters: dict) -> str:
     """Canonical JSON of the checked filters (sorted keys: params change only when values do)."""
     return json.dumps(check_filters(filters), sort_keys=True, separators=(",", ":"))

@@ -11,6 +11,10 @@ from pipeline import VolfilterError
 from pipeline import workflow as wf
 from pipeline.example import EXAMPLE_FILES
 
+_own_filters = wf.filters_from_configfiles(workflow.config_settings.configfiles)
+if _own_filters is not None:
+    config["filters"] = _own_filters  # a study's filter set replaces the defaults, not merged into them
+
 validate(config, schema="../config/schema.yaml")
 try:
     FILTERS_JSON = wf.filters_json(config["filters"])

@@ -1,0 +1,185 @@
+"""The Snakemake workflow end to end on tiny BIDS and plain-folder datasets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from numpy.testing import assert_allclose
+
+from pipeline import filter_image
+
+pytestmark = pytest.mark.workflow
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(workdir, config, *extra, check=True):
+    cfg = Path(workdir) / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cmd = [
+        *SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(cfg),
+        "-c2",
+        *extra,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def make_bids(root, rng):
+    aff = np.diag([1.0, 1.2, 2.0, 1.0])
+    imgs = {
+        "sub-01/ses-pre/anat/sub-01_ses-pre_T1w.nii.gz": rng.normal(100, 10, (10, 12, 8)).astype(np.float32),
+        "sub-02/anat/sub-02_T1w.nii.gz": rng.integers(0, 500, (9, 10, 7)).astype(np.int16),
+        "sub-01/ses-pre/func/sub-01_ses-pre_task-rest_bold.nii.gz": rng.normal(50, 5, (8, 8, 6, 3)).astype(np.float32),
+    }
+    for rel, data in imgs.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        img = nib.Nifti1Image(data, aff)
+        img.header.set_xyzt_units("mm", "sec")
+        nib.save(img, p)
+    (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.10.0"}')
+    (root / "README").write_text("tiny")
+    (root / "sub-02/anat/sub-02_T1w.json").write_text("{}")
+    return imgs
+
+
+FILTERS = {"smooth4": {"kind": "gaussian", "fwhm_mm": 4}, "edges": {"kind": "sobel"}, "sharp": {"kind": "sharpen"}}
+
+
+@pytest.fixture
+def bids_run(tmp_path, rng):
+    src = tmp_path / "bids"
+    make_bids(src, rng)
+    out = tmp_path / "deriv"
+    config = {"input_dir": str(src), "output_dir": str(out), "suffixes": ["T1w", "bold"], "filters": FILTERS,
+              "backend": "cpu", "qc": False}  # fmt: skip
+    snakemake(tmp_path, config)
+    return tmp_path, src, out, config
+
+
+def test_bids_derivatives_and_sidecars(bids_run):
+    tmp_path, src, out, _ = bids_run
+    expected = {
+        "sub-01/ses-pre/anat/sub-01_ses-pre_T1w.nii.gz": "sub-01/ses-pre/anat/sub-01_ses-pre_desc-{}_T1w",
+        "sub-02/anat/sub-02_T1w.nii.gz": "sub-02/anat/sub-02_desc-{}_T1w",
+        "sub-01/ses-pre/func/sub-01_ses-pre_task-rest_bold.nii.gz": "sub-01/ses-pre/func/sub-01_ses-pre_task-rest_desc-{}_bold",
+    }
+    for rel_in, pattern in expected.items():
+        for name, spec in FILTERS.items():
+            derived = out / (pattern.format(name) + ".nii.gz")
+            params = {k: v for k, v in spec.items() if k != "kind"}
+            ref = filter_image(str(src / rel_in), spec["kind"], backend="cpu", **params)
+            got = nib.load(derived)
+            assert got.get_data_dtype() == np.float32
+            assert_allclose(got.get_fdata(), ref.get_fdata(), rtol=1e-6)
+            assert_allclose(got.affine, nib.load(src / rel_in).affine)
+            meta = json.loads((out / (pattern.format(name) + ".json")).read_text())
+            assert meta["Filter"]["kind"] == spec["kind"] and meta["Backend"] == "cpu"
+            assert len(meta["InputSHA256"]) == 64
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "volfilter"
+    # Only images were treated as inputs: no derivative of the JSON sidecar or README.
+    made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz"))
+    assert len(made) == 3 * len(FILTERS)
+    # Nothing was written outside output_dir (besides Snakemake's own bookkeeping and the config).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".snakemake", "bids", "config.yaml", "deriv"]
+
+
+def test_noop_rerun_and_param_change(bids_run):
+    tmp_path, src, out, config = bids_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")}
+    dry = snakemake(tmp_path, config, "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    snakemake(tmp_path, config)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")} == before
+    changed = json.loads(json.dumps(config))
+    changed["filters"]["smooth4"]["fwhm_mm"] = 5
+    dry = snakemake(tmp_path, changed, "-n")
+    assert "filter_volume" in dry.stdout + dry.stderr
+    snakemake(tmp_path, changed)
+    meta = json.loads((out / "sub-02/anat/sub-02_desc-smooth4_T1w.json").read_text())
+    assert meta["Filter"]["fwhm_mm"] == 5
+
+
+def test_plain_folder(tmp_path, rng):
+    src = tmp_path / "plain"
+    src.mkdir()
+    names = ["a.nii.gz", "with space.nii", "süb.nii.gz"]
+    for n in names:
+        nib.save(nib.Nifti1Image(rng.random((6, 7, 5)).astype(np.float32), np.eye(4)), src / n)
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    snakemake(tmp_path, {"input_dir": str(src), "output_dir": str(out), "filters": {"b": {"kind": "box"}}, "qc": False})
+    made = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert made == ["a_desc-b.nii.gz", "süb_desc-b.nii.gz", "with space_desc-b.nii.gz"]
+    ref = filter_image(str(src / "with space.nii"), "box", backend="cpu")
+    assert_allclose(nib.load(out / "with space_desc-b.nii.gz").get_fdata(), ref.get_fdata(), rtol=1e-6)
+
+
+def test_path_traversal_names_cannot_escape(tmp_path, rng):
+    src = tmp_path / "bids"
+    make_bids(src, rng)
+    evil = src / "sub-01" / "ses-pre" / "anat" / "sub-01_ses-pre_acq-..%2F..%2Fx_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), evil)
+    (src / "sub-..").mkdir()
+    out = tmp_path / "nested" / "out"
+    proc = snakemake(
+        tmp_path, {"input_dir": str(src), "output_dir": str(out), "filters": {"i": {"kind": "identity"}}, "qc": False}
+    )
+    assert "skipped sub-01/ses-pre/anat/sub-01_ses-pre_acq-..%2F..%2Fx_T1w.nii.gz" in proc.stderr
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents and src not in p.parents
+               and ".snakemake" not in p.parts and p.name != "config.yaml"]  # fmt: skip
+    assert outside == []
+    assert len(list(out.rglob("*_desc-i_T1w.nii.gz"))) == 2
+
+
+@pytest.mark.parametrize(
+    "patch,key",
+    [
+        ({"filters": {"x": {"kind": "wobble"}}}, "kind"),
+        ({"filters": {"x": {"kind": "gaussian", "fwhm_mm": -6}}}, "fwhm_mm"),
+        ({"filters": {"bad-name": {"kind": "sobel"}}}, "bad-name"),
+        ({"input_dir": None}, "input_dir"),
+        ({"input_dir": "/nonexistent/folder"}, "input_dir"),
+        ({"backend": "tpu"}, "backend"),
+    ],
+)
+def test_bad_config_fails_before_any_job(tmp_path, patch, key):
+    config = {"input_dir": "example", "output_dir": str(tmp_path / "out"), "filters": {"s": {"kind": "identity"}}}
+    for k, v in patch.items():
+        if v is None:
+            config.pop(k)
+        else:
+            config[k] = v
+    proc = snakemake(tmp_path, config, check=False)
+    assert proc.returncode != 0
+    assert key in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "resources").exists()
+
+
+def test_bundled_example_config_runs(tmp_path):
+    """The repository's own config (input_dir: example) in a scratch working directory."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["output_dir"] = "deriv"
+    config["qc"] = False
+    config["backend"] = "cpu"
+    snakemake(tmp_path, config)
+    assert (tmp_path / "deriv/sub-01/func/sub-01_task-rest_desc-smooth6_bold.nii.gz").exists()
+    assert nib.load(tmp_path / "deriv/sub-02/anat/sub-02_desc-edges_T1w.nii.gz").shape == (21, 26, 22)
+    assert os.path.exists(tmp_path / "resources/example_bids/participants.tsv")
