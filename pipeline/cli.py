@@ -66,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--output", action="append", required=True, metavar="NAME=PATH", help="where NAME's result goes")
     _add_common(bp)
 
+    qp = sub.add_parser("qc", help="QC figures and metrics of one input and its derived volumes",
+                        description="Never modifies the derived volumes.")  # fmt: skip
+    qp.add_argument("input", metavar="INPUT")
+    qp.add_argument("--filters-json", required=True, metavar="JSON", help="as for batch")
+    qp.add_argument("--derived", action="append", required=True, metavar="NAME=PATH", help="a derived volume")
+    qp.add_argument("--png", action="append", default=[], metavar="NAME=PATH", help="where NAME's figure goes")
+    qp.add_argument("--metrics", required=True, metavar="TSV", help="per-filter metrics table")
+    qp.add_argument("--label", default=None, help="volume label in the table (default: input file name)")
+
+    gp = sub.add_parser("qc-group", help="study table and smoothness summary from per-volume metrics")
+    gp.add_argument("metrics", nargs="+", metavar="TSV")
+    gp.add_argument("--table", required=True, metavar="TSV")
+    gp.add_argument("--figure", required=True, metavar="PNG")
+
     ep = sub.add_parser("example-data", help="write the bundled example as a tiny BIDS dataset")
     ep.add_argument("dest", metavar="DEST")
 
@@ -116,16 +130,43 @@ def _cmd_batch(args):
 
     specs = parse_filter_specs(args.filters_json)
     jobs = []
-    for item in args.output:
-        name, sep, path = item.partition("=")
-        if not sep or not path:
-            raise VolfilterError(f"--output {item!r}: expected NAME=PATH")
+    for name, path in _pairs(args.output, "--output").items():
         if name not in specs:
-            raise VolfilterError(f"--output {item!r}: no filter named {name!r} in --filters-json")
+            raise VolfilterError(f"--output {name}={path}: no filter named {name!r} in --filters-json")
         params = {k: v for k, v in specs[name].items() if k != "kind"}
         jobs.append(FilterJob(specs[name]["kind"], params, path))
     filter_file(args.input, jobs, backend=args.backend, mode=args.mode, mask_path=args.mask,
                 sidecars=not args.no_sidecar)  # fmt: skip
+
+
+def _pairs(items, option):
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise VolfilterError(f"{option} {item!r}: expected NAME=PATH")
+        out[name] = path
+    return out
+
+
+def _cmd_qc(args):
+    from .qc import volume_qc
+
+    specs = parse_filter_specs(args.filters_json)
+    derived = _pairs(args.derived, "--derived")
+    missing = sorted(set(derived) - set(specs))
+    if missing:
+        raise VolfilterError(f"--derived: no filter named {missing[0]!r} in --filters-json")
+    label = args.label or os.path.basename(args.input)
+    volume_qc(
+        args.input, {n: (specs[n], p) for n, p in derived.items()}, _pairs(args.png, "--png"), args.metrics, label
+    )
+
+
+def _cmd_qc_group(args):
+    from .qc import group_qc
+
+    group_qc(args.metrics, args.table, args.figure)
 
 
 def _cmd_example(args):
@@ -145,6 +186,8 @@ COMMANDS = {
     "filters": _cmd_filters,
     "apply": _cmd_apply,
     "batch": _cmd_batch,
+    "qc": _cmd_qc,
+    "qc-group": _cmd_qc_group,
     "example-data": _cmd_example,
     "dataset-description": _cmd_dataset_description,
 }

@@ -52,10 +52,14 @@ def sidecar_path(image_path) -> str:
     return p + ".json"
 
 
+def write_text(path, text: str) -> None:
+    """Write UTF-8 ``text`` atomically."""
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
 def write_json(path, payload: dict) -> None:
     """Write ``payload`` as sorted, indented JSON, atomically."""
-    text = json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def filter_sidecar(*, input_path, input_sha256, kind, params, mode, backend, mask_path=None, mask_sha256=None):

@@ -69,6 +69,17 @@ def output_args(wildcards, output):
     return " ".join(shlex.quote(f"--output={name}={path}") for name, path in zip(FILTER_NAMES, output.volumes))
 
 
+def qc_args(wildcards, input, output):
+    pairs = [f"--derived={n}={p}" for n, p in zip(FILTER_NAMES, input.volumes)]
+    pairs += [f"--png={n}={p}" for n, p in zip(FILTER_NAMES, output.pngs)]
+    return " ".join(shlex.quote(p) for p in pairs)
+
+
+def qc_outputs():
+    pngs = [os.path.join(OUT, "qc", v.derivative(n, "_qc.png")) for v in VOLUMES for n in FILTER_NAMES]
+    return pngs + [os.path.join(OUT, "qc", "group_metrics.tsv"), os.path.join(OUT, "qc", "group_smoothness.png")]
+
+
 def filter_mem_mb(wildcards, attempt):
     return wf.mem_mb(input_image(wildcards), attempt)
 

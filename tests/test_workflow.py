@@ -183,3 +183,22 @@ def test_bundled_example_config_runs(tmp_path):
     assert (tmp_path / "deriv/sub-01/func/sub-01_task-rest_desc-smooth6_bold.nii.gz").exists()
     assert nib.load(tmp_path / "deriv/sub-02/anat/sub-02_desc-edges_T1w.nii.gz").shape == (21, 26, 22)
     assert os.path.exists(tmp_path / "resources/example_bids/participants.tsv")
+
+
+def test_qc_outputs_and_report(tmp_path, rng):
+    src = tmp_path / "bids"
+    make_bids(src, rng)
+    out = tmp_path / "deriv"
+    config = {"input_dir": str(src), "output_dir": str(out), "suffixes": ["T1w", "bold"], "filters": FILTERS,
+              "backend": "cpu", "qc": True}  # fmt: skip
+    snakemake(tmp_path, config)
+    pngs = sorted(p.relative_to(out).as_posix() for p in (out / "qc").rglob("*_qc.png"))
+    assert len(pngs) == 3 * len(FILTERS)
+    assert "qc/sub-01/ses-pre/anat/sub-01_ses-pre_desc-smooth4_T1w_qc.png" in pngs
+    table = (out / "qc" / "group_metrics.tsv").read_text().splitlines()
+    header = table[0].split("\t")
+    assert len(table) == 1 + 3 * len(FILTERS)
+    assert {"in_fwhm_x_mm", "out_fwhm_x_mm", "out_nan_count", "volume", "filter"} <= set(header)
+    snakemake(tmp_path, config, "--report", str(tmp_path / "report.html"))
+    html = (tmp_path / "report.html").read_text()
+    assert "group_smoothness.png" in html and "sub-02_desc-edges_T1w_qc.png" in html

@@ -1,0 +1,321 @@
+"""Quality control: smoothness estimates, intensity metrics and figures.
+
+Plotting imports matplotlib (Agg) lazily, inside the functions that draw, so
+filter jobs never pay for it.
+
+Examples
+--------
+>>> import numpy as np
+>>> from pipeline.filters import apply_filter
+>>> noise = np.random.default_rng(0).normal(size=(48, 48, 48)).astype(np.float32)
+>>> smooth = apply_filter(noise, (2.0, 2.0, 2.0), "gaussian", fwhm_mm=8.0)
+>>> [round(f) for f in smoothness_fwhm(smooth, (2.0, 2.0, 2.0))]
+[8, 8, 8]
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import math
+import os
+
+import numpy as np
+
+from .errors import VolfilterError
+
+EDGE_KINDS = {"sobel", "prewitt"}
+METRIC_COLUMNS = ["min", "max", "mean", "std", "nan_count", "fwhm_x_mm", "fwhm_y_mm", "fwhm_z_mm"]
+
+
+def smoothness_fwhm(data, voxel_mm, mask=None) -> tuple[float, float, float]:
+    """FWHM in mm per axis from the variance of first differences (Forman et al. 1995).
+
+    The classic estimator of AFNI's 3dFWHMx (``-classic``) and FSL's smoothest:
+    for a Gaussian random field smoothed by a Gaussian kernel of FWHM ``F``,
+    ``Var(dx) / (2 Var(x)) = 1 - exp(-dx^2 4 ln2 / (2 F^2))`` along each axis,
+    so ``F = dx * sqrt(-2 ln2 / ln(1 - Var(dx) / (2 Var(x))))``.
+
+    Only voxel pairs that are both finite (and inside ``mask``) count; a 4-D
+    series is estimated per volume and averaged. An axis whose differences are
+    anti-correlated (edge maps, sharpened noise) has no defined FWHM: NaN.
+    """
+    data = np.asarray(data)
+    vols = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
+    per_vol = [_fwhm_3d(v, voxel_mm, mask) for v in vols]
+    return tuple(float(np.nanmean(col)) if np.isfinite(col).any() else math.nan for col in zip(*per_vol))
+
+
+def _fwhm_3d(x, voxel_mm, mask):
+    x = np.asarray(x, dtype=np.float64)
+    valid = np.isfinite(x) if mask is None else (np.isfinite(x) & mask)
+    if valid.sum() < 8:
+        return (math.nan,) * 3
+    var = x[valid].var()
+    out = []
+    for axis, h in enumerate(voxel_mm):
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[axis] = slice(1, None)
+        b[axis] = slice(None, -1)
+        pair = valid[tuple(a)] & valid[tuple(b)]
+        d = (x[tuple(a)] - x[tuple(b)])[pair]
+        if d.size < 2 or var <= 0:
+            out.append(math.nan)
+            continue
+        ratio = 1.0 - (d**2).mean() / (2.0 * var)
+        out.append(h * math.sqrt(-2.0 * math.log(2.0) / math.log(ratio)) if 0 < ratio < 1 else math.nan)
+    return tuple(out)
+
+
+def foreground_mask(data) -> np.ndarray:
+    """Voxels above 10 % of the 98th percentile of the first volume: the head, not the air.
+
+    Smoothness of MRI is estimated inside the head, where the signal is (as
+    3dFWHMx's automask does); the same mask is used for input and output.
+    """
+    first = np.asarray(data if data.ndim == 3 else data[..., 0], dtype=np.float64)
+    finite = np.isfinite(first)
+    if not finite.any():
+        return finite
+    thr = 0.1 * np.percentile(first[finite], 98)
+    return finite & (first > thr)
+
+
+def metrics(data, voxel_mm, mask=None) -> dict:
+    """min/max/mean/std over finite voxels, NaN count, and smoothness FWHM per axis in mm."""
+    data = np.asarray(data)
+    finite = data[np.isfinite(data)]
+    fx, fy, fz = smoothness_fwhm(data, voxel_mm, mask)
+    stats = (finite.min(), finite.max(), finite.mean(), finite.std()) if finite.size else (math.nan,) * 4
+    return {
+        "min": float(stats[0]),
+        "max": float(stats[1]),
+        "mean": float(stats[2]),
+        "std": float(stats[3]),
+        "nan_count": int(np.isnan(data).sum()),
+        "fwhm_x_mm": fx,
+        "fwhm_y_mm": fy,
+        "fwhm_z_mm": fz,
+    }
+
+
+def describe(spec: dict) -> str:
+    """``gaussian fwhm_mm=6`` from ``{"kind": "gaussian", "fwhm_mm": 6}``."""
+    params = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(spec.items()) if k != "kind")
+    return f"{spec['kind']} {params}".strip()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, str) and os.sep in v:
+        return os.path.basename(v)
+    return str(v)
+
+
+def metrics_rows(volume_label: str, in_metrics: dict, outputs: dict) -> list[dict]:
+    """One row per filter: the volume, the filter, and in_/out_ metric columns."""
+    rows = []
+    for name, (spec, out_metrics) in outputs.items():
+        params = describe(spec)[len(spec["kind"]) :].strip()
+        row = {"volume": volume_label, "filter": name, "kind": spec["kind"], "params": params}
+        row.update({f"in_{k}": in_metrics[k] for k in METRIC_COLUMNS})
+        row.update({f"out_{k}": out_metrics[k] for k in METRIC_COLUMNS})
+        rows.append(row)
+    return rows
+
+
+def rows_to_tsv(rows: list[dict]) -> str:
+    if not rows:
+        raise VolfilterError("no QC rows to write")
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def read_tsv(path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+# ---------------------------------------------------------------- figures
+
+
+def to_ras(data, affine, voxel_mm):
+    """Reorder/flip array axes so that they run R, A, S; return data and permuted voxel sizes."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    ras = nib.orientations.apply_orientation(data, ornt)
+    order = [int(i) for i in ornt[:, 0]]
+    vox = [0.0, 0.0, 0.0]
+    for src, dst in enumerate(order):
+        vox[dst] = voxel_mm[src]
+    return ras, tuple(vox)
+
+
+def _views(vol, vox):
+    """Axial, coronal and sagittal slices through the centre, each (image, aspect)."""
+    cx, cy, cz = (s // 2 for s in vol.shape[:3])
+    # imshow with origin="lower": rows run along the second axis listed.
+    return [
+        ("axial", vol[:, :, cz].T, vox[1] / vox[0], ("R", "A")),
+        ("coronal", vol[:, cy, :].T, vox[2] / vox[0], ("R", "S")),
+        ("sagittal", vol[cx, :, :].T, vox[2] / vox[1], ("A", "S")),
+    ]
+
+
+def _limits(data, kind):
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    if kind in EDGE_KINDS:
+        return 0.0, float(np.percentile(finite, 99.5)) or 1.0
+    lo, hi = np.percentile(finite, [1, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
+def qc_figure(in_data, out_data, affine, voxel_mm, title: str, spec: dict, path) -> None:
+    """Orthogonal RAS slices of input (top) and output (bottom), colour bars, and histograms.
+
+    Intensity-preserving filters share the input's display range so a change
+    of contrast is visible; edge maps get their own scale and colour map.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    in3 = in_data if in_data.ndim == 3 else in_data[..., 0]
+    out3 = out_data if out_data.ndim == 3 else out_data[..., 0]
+    in_ras, vox = to_ras(in3, affine, voxel_mm)
+    out_ras, _ = to_ras(out3, affine, voxel_mm)
+    kind = spec["kind"]
+    in_lim = _limits(in_ras, "input")
+    out_lim = _limits(out_ras, kind) if kind in EDGE_KINDS else in_lim
+    out_cmap = "magma" if kind in EDGE_KINDS else "gray"
+
+    fig = plt.figure(figsize=(14, 6.4), dpi=100)
+    # Columns: three views, colour bar, spacer (room for the bar's tick labels), histogram.
+    grid = fig.add_gridspec(2, 6, width_ratios=[1, 1, 1, 0.05, 0.3, 1.3], wspace=0.25, hspace=0.3)
+    for row, (vol, lim, cmap, label) in enumerate(
+        [(in_ras, in_lim, "gray", "input"), (out_ras, out_lim, out_cmap, f"{title}")]
+    ):
+        im = None
+        for col, (view, img, aspect, (hlab, vlab)) in enumerate(_views(vol, vox)):
+            ax = fig.add_subplot(grid[row, col])
+            im = ax.imshow(img, cmap=cmap, vmin=lim[0], vmax=lim[1], origin="lower", aspect=aspect,
+                           interpolation="nearest")  # fmt: skip
+            ax.set_title(f"{label} — {view}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(f"→ {hlab}", fontsize=8)
+            ax.set_ylabel(f"→ {vlab}", fontsize=8)
+        cax = fig.add_subplot(grid[row, 3])
+        fig.colorbar(im, cax=cax)
+    hax = fig.add_subplot(grid[:, 5])
+    fin_in = in_data[np.isfinite(in_data)].ravel()
+    fin_out = out_data[np.isfinite(out_data)].ravel()
+    lo = float(min(fin_in.min(initial=0), fin_out.min(initial=0)))
+    hi = float(max(fin_in.max(initial=1), fin_out.max(initial=1)))
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 80)
+    hax.hist(fin_in, bins=bins, histtype="step", color="0.3", label="input", log=True)
+    hax.hist(fin_out, bins=bins, histtype="step", color="tab:orange", label=title, log=True)
+    hax.set_title("intensity histogram (log count)", fontsize=9)
+    hax.set_xlabel("intensity")
+    hax.legend(fontsize=8)
+    fig.suptitle(f"{title}: {describe(spec)}", fontsize=11)
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def group_figure(rows: list[dict], path) -> None:
+    """Smoothness (mean FWHM over axes) before vs after, one marker per volume, per filter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def mean_fwhm(row, side):
+        vals = [float(row[f"{side}_fwhm_{a}_mm"]) for a in "xyz"]
+        vals = [v for v in vals if math.isfinite(v)]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    names = sorted({r["filter"] for r in rows})
+    cmap = plt.get_cmap("tab10")
+    top = 0.0
+    for i, name in enumerate(names):
+        sel = [r for r in rows if r["filter"] == name]
+        xs = [mean_fwhm(r, "in") for r in sel]
+        ys = [mean_fwhm(r, "out") for r in sel]
+        undefined = sum(1 for y in ys if not math.isfinite(y))
+        label = f"{name} ({sel[0]['kind']} {sel[0]['params']})".replace(" )", ")")
+        label += f", {undefined} undefined" if undefined else ""
+        ax.scatter(xs, ys, color=cmap(i % 10), label=label, s=40, alpha=0.8)
+        top = max([top] + [v for v in xs + ys if math.isfinite(v)])
+    top = top * 1.1 or 1.0
+    ax.plot([0, top], [0, top], color="0.6", lw=1, ls="--", label="unchanged")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("input smoothness, mean FWHM over axes (mm)")
+    ax.set_ylabel("output smoothness, mean FWHM over axes (mm)")
+    ax.set_title(f"Smoothness before and after filtering ({len({r['volume'] for r in rows})} volumes)")
+    ax.legend(fontsize=8, loc="lower right")
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def _save_png(fig, path):
+    from .io import atomic_write
+
+    # No Software/date metadata: the same inputs give the same bytes.
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", metadata={"Software": None}))
+
+
+# ---------------------------------------------------------------- per volume and per study
+
+
+def volume_qc(input_path, derived: dict, pngs: dict, metrics_path, label: str) -> list[dict]:
+    """QC of one input volume and its derivatives; never modifies the derived volumes.
+
+    Parameters
+    ----------
+    derived : {name: (spec, path)}
+        Each filter's spec (``{"kind": ..., params}``) and derived volume.
+    pngs : {name: path}
+        Where each filter's figure goes.
+    metrics_path : path
+        TSV with one row per filter (in_/out_ metrics).
+    """
+    from . import io
+    from .provenance import write_text
+
+    vol = io.load(input_path)
+    mask = foreground_mask(vol.data)
+    in_m = metrics(vol.data, vol.voxel_mm, mask)
+    results = {}
+    for name, (spec, path) in derived.items():
+        out = io.load(path)
+        if out.data.shape != vol.data.shape:
+            raise VolfilterError(f"{path}: shape {out.data.shape} differs from its input's {vol.data.shape}")
+        results[name] = (spec, metrics(out.data, vol.voxel_mm, mask))
+        if name in pngs:
+            qc_figure(vol.data, out.data, vol.affine, vol.voxel_mm, name, spec, pngs[name])
+    rows = metrics_rows(label, in_m, results)
+    write_text(metrics_path, rows_to_tsv(rows))
+    return rows
+
+
+def group_qc(metrics_paths, table_path, figure_path) -> list[dict]:
+    """Concatenate per-volume metrics into one study table and draw the smoothness summary."""
+    from .provenance import write_text
+
+    rows = [row for p in metrics_paths for row in read_tsv(p)]
+    write_text(table_path, rows_to_tsv(rows))
+    group_figure(rows, figure_path)
+    return rows

@@ -1,0 +1,102 @@
+"""QC: the smoothness estimator against known FWHM, metrics, figures, determinism."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline import qc
+from pipeline.filters import apply_filter
+
+
+@pytest.mark.parametrize("fwhm,voxel", [(6.0, (2.0, 2.0, 2.0)), (8.0, (1.5, 2.0, 3.0)), (4.0, (1.0, 1.0, 1.0))])
+def test_smoothness_recovers_known_fwhm(fwhm, voxel):
+    noise = np.random.default_rng(7).normal(size=(64, 60, 56)).astype(np.float32)
+    smooth = apply_filter(noise, voxel, "gaussian", fwhm_mm=fwhm, mode="wrap")
+    est = qc.smoothness_fwhm(smooth, voxel)
+    for axis in range(3):
+        assert est[axis] == pytest.approx(fwhm, rel=0.10), (axis, est)
+
+
+def test_smoothness_is_nan_for_anticorrelated_data():
+    x = np.indices((8, 8, 8)).sum(axis=0) % 2 * 2.0 - 1  # checkerboard: neighbours anti-correlated
+    assert all(np.isnan(qc.smoothness_fwhm(x, (1, 1, 1))))
+
+
+def test_smoothness_ignores_nan_and_masked_voxels():
+    noise = np.random.default_rng(3).normal(size=(48, 48, 48)).astype(np.float32)
+    smooth = apply_filter(noise, (2, 2, 2), "gaussian", fwhm_mm=6.0, mode="wrap")
+    holed = smooth.copy()
+    holed[10:20, 10:20, 10:20] = np.nan
+    mask = np.ones(smooth.shape, bool)
+    mask[:, :, :8] = False
+    base = qc.smoothness_fwhm(smooth, (2, 2, 2))
+    assert qc.smoothness_fwhm(holed, (2, 2, 2), mask) == pytest.approx(base, rel=0.05)
+
+
+def test_metrics_columns():
+    x = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+    x[0, 0, 0] = np.nan
+    m = qc.metrics(x, (1, 1, 1))
+    assert m["nan_count"] == 1 and m["min"] == 1 and m["max"] == 26
+    assert [k for k in m if "fwhm" in k] == ["fwhm_x_mm", "fwhm_y_mm", "fwhm_z_mm"]
+
+
+def test_to_ras_flips_and_permutes():
+    data = np.arange(24, dtype=float).reshape(2, 3, 4)
+    aff = np.array([[0, 0, -3.0, 0], [2.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # axes: A, S, L
+    ras, vox = qc.to_ras(data, aff, (2.0, 1.0, 3.0))
+    assert ras.shape == (4, 2, 3) and vox == (3.0, 2.0, 1.0)
+    assert ras[0, 0, 0] == data[0, 0, 3]  # most left->right reversed
+
+
+def _png_size(path):
+    import struct
+
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_volume_qc_figures_are_nonblank_sized_and_deterministic(nib_data, tmp_path):
+    from pipeline.image import FilterJob, filter_file
+
+    src = nib_data("anatomical.nii")
+    specs = {"s6": {"kind": "gaussian", "fwhm_mm": 6}, "e": {"kind": "sobel"}}
+    jobs = [
+        FilterJob(s["kind"], {k: v for k, v in s.items() if k != "kind"}, str(tmp_path / f"{n}.nii.gz"))
+        for n, s in specs.items()
+    ]
+    filter_file(src, jobs, backend="cpu", sidecars=False)
+    before = {n: (tmp_path / f"{n}.nii.gz").read_bytes() for n in specs}
+    derived = {n: (specs[n], str(tmp_path / f"{n}.nii.gz")) for n in specs}
+    pngs = {n: str(tmp_path / f"{n}.png") for n in specs}
+    rows = qc.volume_qc(src, derived, pngs, tmp_path / "m.tsv", "sub-01")
+    assert {n: (tmp_path / f"{n}.nii.gz").read_bytes() for n in specs} == before  # QC never modifies
+    assert _png_size(pngs["s6"]) == (1400, 640)
+    from matplotlib.image import imread
+
+    img = imread(pngs["s6"])
+    assert img[..., :3].std() > 0.05  # not blank
+    first = open(pngs["s6"], "rb").read()
+    qc.volume_qc(src, derived, pngs, tmp_path / "m2.tsv", "sub-01")
+    assert open(pngs["s6"], "rb").read() == first
+    smooth = next(r for r in rows if r["filter"] == "s6")
+    assert smooth["out_fwhm_x_mm"] > smooth["in_fwhm_x_mm"] + 3  # a 6 mm Gaussian raised the smoothness
+    table = qc.read_tsv(tmp_path / "m.tsv")
+    assert [r["filter"] for r in table] == ["s6", "e"]
+    qc.group_qc([tmp_path / "m.tsv"], tmp_path / "g.tsv", tmp_path / "g.png")
+    assert _png_size(tmp_path / "g.png") == (700, 600)
+    assert len(qc.read_tsv(tmp_path / "g.tsv")) == 2
+
+
+def test_filter_jobs_do_not_import_matplotlib(nib_data, tmp_path):
+    code = (
+        "import sys; from pipeline.cli import main; "
+        f"rc = main(['apply', {nib_data('anatomical.nii')!r}, {str(tmp_path / 'o.nii.gz')!r}, '--filter', 'sobel']); "
+        "print(rc, 'matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "False"]
