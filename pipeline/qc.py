@@ -43,7 +43,7 @@ def smoothness_fwhm(data, voxel_mm, mask=None) -> tuple[float, float, float]:
     data = np.asarray(data)
     vols = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
     per_vol = [_fwhm_3d(v, voxel_mm, mask) for v in vols]
-    return tuple(float(np.nanmean(col)) if np.isfinite(col).any() else math.nan for col in zip(*per_vol))
+    return tuple(float(np.nanmean(col)) if np.isfinite(col).any() else math.nan for col in zip(*per_vol, strict=True))
 
 
 def _fwhm_3d(x, voxel_mm, mask):
