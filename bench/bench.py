@@ -1,0 +1,262 @@
+"""volfilter benchmark: baseline vs ours, measured side by side in one run.
+
+Prints a table (case, baseline ms, ours ms, ratio, peak MB) and the machine it ran on.
+
+    python bench/bench.py                 # CPU cases, 256^3 synthetic + nibabel's real images
+    python bench/bench.py --size 128      # smaller, quicker
+    python bench/bench.py --gpu           # add GPU cases (CuPy and a device needed)
+
+Baselines are what a user would otherwise write: scipy.ndimage single-threaded and nibabel's
+default .nii.gz reader/writer, in the same process and on the same data; end-to-end cases run
+fresh processes for both sides. Peak MB is the largest extra allocation during "ours" (tracemalloc,
+which sees NumPy's buffers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+import scipy.ndimage as ndi
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import nibabel as nib  # noqa: E402
+
+from pipeline import io as vio  # noqa: E402
+from pipeline.filters import apply_filter  # noqa: E402
+
+ROWS = []
+
+
+def best_ms(fn, repeat=3):
+    fn()  # warm-up (imports, caches, CuPy kernel compilation)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return min(times)
+
+
+def peak_mb(fn):
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 2**20
+
+
+def row(case, base_ms, ours_ms, peak=None, note=""):
+    ratio = base_ms / ours_ms if ours_ms > 0 else float("nan")
+    ROWS.append((case, base_ms, ours_ms, ratio, peak, note))
+    p = "" if peak is None else f"{peak:8.0f}"
+    print(f"{case:<44} {base_ms:10.1f} {ours_ms:10.1f} {ratio:7.2f}x {p:>8} {note}", flush=True)
+
+
+def header(title):
+    print(f"\n## {title}\n{'case':<44} {'base ms':>10} {'ours ms':>10} {'ratio':>8} {'peak MB':>8}", flush=True)
+
+
+SIGMA6 = 6.0 / np.sqrt(8 * np.log(2))
+
+
+def baseline_sobel_mag(x):
+    return np.sqrt(sum(ndi.sobel(x, axis=a) ** 2 for a in range(3)))
+
+
+def cpu_kernels(x):
+    header(f"CPU kernels, {x.shape} float32, 1 mm voxels (baseline: scipy.ndimage, 1 thread)")
+    vox = (1.0, 1.0, 1.0)
+    sharp_k = np.zeros((3, 3, 3), np.float32)
+    sharp_k[1, 1, 1] = 7
+    for a in range(3):
+        for s in (0, 2):
+            i = [1, 1, 1]
+            i[a] = s
+            sharp_k[tuple(i)] = -1
+    cases = [
+        (
+            "gaussian FWHM 6 mm",
+            lambda: ndi.gaussian_filter(x, SIGMA6),
+            lambda: apply_filter(x, vox, "gaussian", fwhm_mm=6),
+        ),
+        ("sobel magnitude", lambda: baseline_sobel_mag(x), lambda: apply_filter(x, vox, "sobel")),
+        ("sharpen (3x3x3 correlate)", lambda: ndi.correlate(x, sharp_k), lambda: apply_filter(x, vox, "sharpen")),
+        ("box 3 vox", lambda: ndi.uniform_filter(x, 3), lambda: apply_filter(x, vox, "box")),
+    ]
+    for name, base, ours in cases:
+        row(name, best_ms(base), best_ms(ours), peak_mb(ours))
+
+
+def gzip_io(x, tmp):
+    header(f"NIfTI .nii.gz I/O, {x.shape} float32 ({x.nbytes / 2**20:.0f} MB)")
+    img = nib.Nifti1Image(np.asfortranarray(x), np.eye(4))
+    ref = os.path.join(tmp, "ref.nii.gz")
+    ours_path = os.path.join(tmp, "ours.nii.gz")
+    base_w = best_ms(lambda: nib.save(img, ref))
+    ours_w = best_ms(lambda: vio.save(vio.derived_image(x, img), ours_path))
+    row(
+        "write .nii.gz (nibabel default zlib-1)",
+        base_w,
+        ours_w,
+        note=f"{os.path.getsize(ref) >> 20} vs {os.path.getsize(ours_path) >> 20} MB",
+    )
+    base_r = best_ms(lambda: nib.load(ref).get_fdata(dtype=np.float32))
+    ours_r = best_ms(lambda: vio.load(ref).data)
+    row("read .nii.gz", base_r, ours_r)
+    same = np.array_equal(nib.load(ours_path).get_fdata(dtype=np.float32), x)
+    print(
+        f"   read back by nibabel identical: {same}; gzip -t: {subprocess.run(['gzip', '-t', ours_path]).returncode == 0}"
+    )
+
+
+BASELINE_SCRIPT = """
+import sys, numpy as np, nibabel as nib, scipy.ndimage as ndi
+src, outdir = sys.argv[1], sys.argv[2]
+img = nib.load(src); x = img.get_fdata(dtype=np.float32)
+h = nib.affines.voxel_sizes(img.affine)[:3]
+s = 6.0 / np.sqrt(8 * np.log(2))
+def per_vol(f):
+    return np.stack([f(x[..., t]) for t in range(x.shape[3])], -1) if x.ndim == 4 else f(x)
+g = per_vol(lambda v: ndi.gaussian_filter(v, s / h))
+e = per_vol(lambda v: np.sqrt(sum((ndi.sobel(v, axis=a) / (32 * h[a])) ** 2 for a in range(3))))
+k = np.zeros((3, 3, 3)); k[1, 1, 1] = 7
+for a in range(3):
+    for sd in (0, 2):
+        i = [1, 1, 1]; i[a] = sd; k[tuple(i)] = -1
+sh = per_vol(lambda v: ndi.correlate(v, k))
+for name, d in (("g", g), ("e", e), ("s", sh)):
+    nib.save(nib.Nifti1Image(d.astype(np.float32), img.affine, img.header), f"{outdir}/{name}.nii.gz")
+"""
+
+FILTERS_JSON = '{"g": {"kind": "gaussian", "fwhm_mm": 6}, "e": {"kind": "sobel"}, "s": {"kind": "sharpen"}}'
+
+
+def run_ms(cmd, repeat=2):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, capture_output=True)
+        times.append((time.perf_counter() - t) * 1e3)
+    return min(times)
+
+
+def end_to_end(inputs, tmp, label, backend="cpu", n_batch=8):
+    header(f"End to end, fresh processes: load .nii.gz -> gaussian+sobel+sharpen -> 3 x .nii.gz ({label})")
+    base_script = os.path.join(tmp, "baseline.py")
+    with open(base_script, "w") as fh:
+        fh.write(BASELINE_SCRIPT)
+    out = os.path.join(tmp, "e2e")
+    os.makedirs(out, exist_ok=True)
+
+    def ours(src):
+        return [sys.executable, "-m", "pipeline", "batch", src, "--filters-json", FILTERS_JSON, "--backend", backend,
+                "--no-sidecar"] + [f"--output={n}={out}/o{n}.nii.gz" for n in "ges"]  # fmt: skip
+
+    for src in inputs:
+        name = os.path.basename(src)
+        base = run_ms([sys.executable, base_script, src, out])
+        mine = run_ms(ours(src))
+        row(f"one volume: {name} [{backend}]", base, mine)
+    src = inputs[0]
+    base = sum(run_ms([sys.executable, base_script, src, out], repeat=1) for _ in range(n_batch))
+    mine = sum(run_ms(ours(src), repeat=1) for _ in range(n_batch))
+    row(f"{n_batch} volumes, one process each [{backend}]", base, mine)
+
+
+def gpu_cases(x, tmp):
+    import cupy
+    import cupyx.scipy.ndimage as cndi
+
+    dev = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    header(f"GPU kernels on {dev}, {x.shape} float32 (baseline: cupyx.scipy.ndimage called directly)")
+    g = cupy.asarray(x)
+    vox = (1.0, 1.0, 1.0)
+
+    def sync(fn):
+        def run():
+            fn()
+            cupy.cuda.Device().synchronize()
+
+        return run
+
+    cases = [
+        (
+            "gaussian FWHM 6 mm",
+            lambda: cndi.gaussian_filter(g, SIGMA6),
+            lambda: apply_filter(g, vox, "gaussian", fwhm_mm=6),
+        ),
+        (
+            "sobel magnitude",
+            lambda: cupy.sqrt(sum(cndi.sobel(g, axis=a) ** 2 for a in range(3))),
+            lambda: apply_filter(g, vox, "sobel"),
+        ),
+        ("sharpen", lambda: g - cndi.laplace(g), lambda: apply_filter(g, vox, "sharpen")),
+    ]
+    for name, base, ours in cases:
+        row(name, best_ms(sync(base), 5), best_ms(sync(ours), 5))
+    up = best_ms(sync(lambda: cupy.asarray(x)), 5)
+    down = best_ms(lambda: cupy.asnumpy(g), 5)
+    row("host->device upload vs device->host download", up, down, note="(not a ratio: two transfers)")
+    header("GPU vs CPU path, same machine, in process (load .nii.gz, 3 filters, 3 writes)")
+    src = os.path.join(tmp, "vol.nii.gz")
+    vio.save(vio.derived_image(x, nib.Nifti1Image(x, np.eye(4))), src)
+    from pipeline.image import FilterJob, filter_file
+
+    jobs = [FilterJob("gaussian", {"fwhm_mm": 6}, f"{tmp}/a.nii.gz"), FilterJob("sobel", {}, f"{tmp}/b.nii.gz"),
+            FilterJob("sharpen", {}, f"{tmp}/c.nii.gz")]  # fmt: skip
+    cpu = best_ms(lambda: filter_file(src, jobs, backend="cpu", sidecars=False), 2)
+    gpu = best_ms(lambda: filter_file(src, jobs, backend="gpu", sidecars=False), 2)
+    row("one volume, CPU path vs GPU path", cpu, gpu)
+    cold = run_ms([sys.executable, "-c", "import pipeline.backend as b; b.resolve('gpu')"], repeat=1)
+    row("fresh process: import + CuPy device check", cold, cold, note="(absolute)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--batch", type=int, default=8, help="volumes in the batch case")
+    args = ap.parse_args()
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"numpy {np.__version__}, scipy {__import__('scipy').__version__}, nibabel {nib.__version__}, gzip {vio.GZIP_BACKEND}")  # fmt: skip
+    rng = np.random.default_rng(0)
+    n = args.size
+    # A smooth phantom plus noise: compresses like MRI, not like white noise.
+    x = ndi.gaussian_filter(rng.normal(size=(n, n, n)).astype(np.float32), 3) * 50 + 100
+    x += rng.normal(scale=2, size=x.shape).astype(np.float32)
+    x = np.asfortranarray(x, dtype=np.float32)
+    tmp = tempfile.mkdtemp(prefix="volfilter-bench-")
+    try:
+        cpu_kernels(x)
+        gzip_io(x, tmp)
+        if not args.skip_e2e:
+            synth = os.path.join(tmp, f"synth{n}.nii.gz")
+            nib.save(nib.Nifti1Image(x, np.eye(4)), synth)
+            from pipeline.example import nibabel_data_file
+
+            real = str(nibabel_data_file("example4d.nii.gz"))
+            end_to_end([synth, real], tmp, f"synthetic {n}^3 and nibabel example4d", n_batch=args.batch)
+            if args.gpu:
+                end_to_end([synth], tmp, "GPU backend", backend="gpu", n_batch=args.batch)
+        if args.gpu:
+            gpu_cases(x, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
