@@ -144,7 +144,7 @@ FILTERS_JSON = '{"g": {"kind": "gaussian", "fwhm_mm": 6}, "e": {"kind": "sobel"}
 
 
 def run_ms(cmd, repeat=2):
-    env = {**os.environ, "PYTHONPATH": REPO}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
     times = []
     for _ in range(repeat):
         t = time.perf_counter()

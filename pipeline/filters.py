@@ -291,16 +291,30 @@ def check_params(name: str, params: dict) -> dict:
 # Missing data, masks and 4-D
 
 
-def _fill_nearest(x, valid):
-    """Replace invalid voxels by the value of the nearest valid voxel.
+def _fill_missing(x, valid, radius: int, mode: str):
+    """Extend the valid data into missing voxels, one ring per step, ``radius`` rings deep.
 
-    Signed kernels (derivatives, sharpen, emboss) then see the edge of the
-    valid region the way they see the edge of the image in ``nearest`` mode,
-    instead of a cliff down to zero or NaN.
+    Each missing voxel next to valid data takes the mean of its valid
+    neighbours (3×3×3); repeating ``radius`` times covers everything a kernel of
+    that radius reaches from a valid voxel, and the rest is set to 0 (it cannot
+    influence any kept output). Signed kernels (derivatives, sharpen, emboss)
+    then see the edge of the valid region the way they see the edge of the
+    image, instead of a cliff down to zero or NaN. Unlike a nearest-voxel fill
+    it has no ties to break, so CPU and GPU agree.
     """
     xp, ndi = namespace(x)
-    idx = ndi.distance_transform_edt(~valid, return_distances=False, return_indices=True)
-    return x[tuple(idx)]
+    w = valid.astype(xp.float32)
+    filled = xp.where(valid, x, xp.float32(0))
+    for _ in range(radius):
+        count = ndi.uniform_filter(w, 3, mode=mode)
+        grow = (w == 0) & (count > 0)
+        if not bool(grow.any()):
+            break
+        total = ndi.uniform_filter(filled, 3, mode=mode)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            filled = xp.where(grow, total / count, filled)
+        w = xp.where(grow, xp.float32(1), w)
+    return filled
 
 
 def filter_volume(x, voxel_mm, name, params, *, mode="reflect", mask=None):
@@ -310,8 +324,8 @@ def filter_volume(x, voxel_mm, name, params, *, mode="reflect", mask=None):
     results and stay NaN. Voxels outside ``mask`` are missing and become 0.
     Smoothing filters (box, gaussian, and the blur inside unsharp) use
     normalised convolution — ``f(x·w) / f(w)`` with ``w`` the valid voxels, the
-    AFNI 3dBlurInMask idea. Signed kernels see missing voxels filled from the
-    nearest valid voxel.
+    AFNI 3dBlurInMask idea. Signed kernels see missing voxels filled with the
+    mean of their valid neighbours, as far as the kernel reaches.
     """
     xp, ndi = namespace(x)
     spec = FILTERS[name]
@@ -336,7 +350,8 @@ def filter_volume(x, voxel_mm, name, params, *, mode="reflect", mask=None):
         if name == "unsharp":
             out = unsharp(xp.where(valid, x, out), voxel_mm, mode=mode, _blur=out, **params)
     else:
-        out = spec.func(_fill_nearest(x, valid), voxel_mm, mode=mode, **params)
+        radius = max(params["kernel"].shape) // 2 if name == "kernel" else 1
+        out = spec.func(_fill_missing(x, valid, radius, mode), voxel_mm, mode=mode, **params)
     out[~finite] = xp.nan
     if mask is not None:
         out[~mask] = 0
