@@ -261,6 +261,8 @@ def load(path) -> Volume:
     data = holder["data"]
     if data.shape != shape:
         data = data.reshape(shape, order="F")
+    if not np.isfinite(data).any():
+        raise VolfilterError(f"{path}: every voxel is NaN or infinite; there is nothing to filter")
     # Detach from the (closed) file: the header and affine are all we keep.
     return Volume(header=img.header.copy(), affine=img.affine.copy(), data=data, path=path)
 
@@ -338,8 +340,9 @@ def atomic_write(path, write, *, suffix: str = ""):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise VolfilterError(f"{path}: output folder {folder} does not exist")
+    prefix = "." + os.path.basename(path) + "."
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TMP_SUFFIX + suffix, dir=folder)
     except OSError as exc:
         raise VolfilterError(f"{path}: cannot write in {folder} ({exc.strerror})") from None
     try:
@@ -349,6 +352,7 @@ def atomic_write(path, write, *, suffix: str = ""):
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        _remove_stale_temporaries(folder, prefix)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -357,6 +361,18 @@ def atomic_write(path, write, *, suffix: str = ""):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+TMP_SUFFIX = ".volfilter-tmp"
+
+
+def _remove_stale_temporaries(folder: str, prefix: str) -> None:
+    """Delete temporaries that a killed earlier write of the same output left behind."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and TMP_SUFFIX in name:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
 
 
 def save(img, path) -> None:
