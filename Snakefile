@@ -14,6 +14,11 @@ include: "rules/filter.smk"
 include: "rules/qc.smk"
 
 
+localrules:
+    example_dataset,
+    dataset_description,
+
+
 rule all:
     default_target: True
     input:

@@ -149,7 +149,11 @@ def test_unwritable_output_folder(nib_data, tmp_path, capsys):
     # /proc refuses new files even to root.
     rc = main(["apply", nib_data("anatomical.nii"), "/proc/volfilter-test.nii.gz", "--filter", "identity"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("volfilter: error: /proc/volfilter-test.nii.gz: cannot write") and err.count("\n") == 1
+    assert (
+        rc == 2
+        and err.startswith("volfilter: error: /proc/volfilter-test.nii.gz: cannot write")
+        and err.count("\n") == 1
+    )
 
 
 @pytest.mark.parametrize("name", ["with space.nii.gz", "ünïcødé_T1w.nii.gz", "a..b.nii.gz"])

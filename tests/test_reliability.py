@@ -92,7 +92,9 @@ def test_snakemake_kill_9_then_rerun_equals_uninterrupted(tmp_path, rng):
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg, "output_dir": str(run_dir / "out")}))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(run_dir),
            "--configfile", str(run_dir / "config.yaml"), "-c1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=run_dir, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=run_dir, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     logs = run_dir / "out" / "logs" / "filter"
     deadline = time.time() + 60
     while not (logs.exists() and list(logs.rglob("*.log"))) and time.time() < deadline:
@@ -104,7 +106,9 @@ def test_snakemake_kill_9_then_rerun_equals_uninterrupted(tmp_path, rng):
     assert len(done) < 2 * len(FILTERS), "killed too late: the run had finished"
     proc = subprocess.run(cmd, cwd=run_dir, capture_output=True, text=True)  # the same command again
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ref_files = sorted(p.relative_to(ref_dir / "out") for p in (ref_dir / "out").rglob("*") if p.suffix in (".gz", ".json"))
+    ref_files = sorted(
+        p.relative_to(ref_dir / "out") for p in (ref_dir / "out").rglob("*") if p.suffix in (".gz", ".json")
+    )
     assert len(ref_files) == 2 * 2 * len(FILTERS) + 1
     for rel in ref_files:
         assert digest(run_dir / "out" / rel) == digest(ref_dir / "out" / rel), rel
@@ -116,10 +120,14 @@ def test_bad_subject_fails_alone_with_message_in_its_log(tmp_path, rng):
     bad = src / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
     bad.write_bytes(b"this is not a NIfTI file at all" * 10)
     out = tmp_path / "out"
-    proc = snakemake(tmp_path, {"input_dir": str(src), "output_dir": str(out), "filters": FILTERS, "qc": False}, check=False)
+    proc = snakemake(
+        tmp_path, {"input_dir": str(src), "output_dir": str(out), "filters": FILTERS, "qc": False}, check=False
+    )
     assert proc.returncode != 0
     for good in ("sub-01", "sub-03"):
         assert (out / good / "anat" / f"{good}_desc-s_T1w.nii.gz").exists()
     assert not list((out / "sub-02").rglob("*.nii.gz")) if (out / "sub-02").exists() else True
     log = (out / "logs" / "filter" / "sub-02" / "anat" / "sub-02_T1w.log").read_text()
-    assert log.strip().splitlines() == [f"volfilter: error: {bad}: named .gz but not gzip-compressed; rename it to end in .nii"]
+    assert log.strip().splitlines() == [
+        f"volfilter: error: {bad}: named .gz but not gzip-compressed; rename it to end in .nii"
+    ]
