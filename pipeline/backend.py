@@ -44,6 +44,35 @@ def _cupy():
         return None
 
 
+@functools.cache
+def cpu_kernels():
+    """The numba kernels module (:mod:`pipeline.cpu_kernels`), or None without numba.
+
+    ``VOLFILTER_NO_NUMBA=1`` forces the plain scipy.ndimage path.
+    """
+    if os.environ.get("VOLFILTER_NO_NUMBA"):
+        return None
+    try:
+        from . import cpu_kernels as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def set_cpu_threads(n: int | None) -> None:
+    """Threads for the CPU kernels (results do not depend on it)."""
+    kernels = cpu_kernels()
+    if kernels is not None and n is not None:
+        kernels.set_threads(n)
+
+
+def fast_cpu(array):
+    """The numba kernels if ``array`` is a float32 NumPy array and numba is usable, else None."""
+    if isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 3:
+        return cpu_kernels()
+    return None
+
+
 def gpu_available() -> bool:
     """True when CuPy imports and a CUDA device answers."""
     return _cupy() is not None

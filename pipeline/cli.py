@@ -32,6 +32,8 @@ def _add_common(p):
     p.add_argument("--mode", choices=MODES, default="reflect", help="border handling (default reflect)")
     p.add_argument("--mask", metavar="MASK", help="filter within this mask (.nii/.nii.gz); voxels outside become 0")
     p.add_argument("--no-sidecar", action="store_true", help="do not write the JSON provenance sidecar")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the filters (default: all cores); results do not depend on it")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,9 +97,21 @@ def _cmd_filters(args):
     print("\nall filters: --mode {" + ",".join(MODES) + "} --mask MASK --backend {auto,cpu,gpu}")
 
 
+def _threads(args):
+    if args.threads is not None:
+        if args.threads < 1:
+            raise VolfilterError(f"--threads must be at least 1, got {args.threads}")
+        from . import io
+        from .backend import set_cpu_threads
+
+        set_cpu_threads(args.threads)
+        io.GZIP_THREADS = args.threads
+
+
 def _cmd_apply(args):
     from .image import FilterJob, filter_file
 
+    _threads(args)
     spec = FILTERS[args.filter]
     all_params = {name for s in FILTERS.values() for name in (p.name for p in s.params)}
     params = {k: getattr(args, k) for k in all_params if getattr(args, k) is not None}
@@ -128,6 +142,7 @@ def parse_filter_specs(text: str) -> dict:
 def _cmd_batch(args):
     from .image import FilterJob, filter_file
 
+    _threads(args)
     specs = parse_filter_specs(args.filters_json)
     jobs = []
     for name, path in _pairs(args.output, "--output").items():

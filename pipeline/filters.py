@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from .backend import namespace
+from .backend import fast_cpu, namespace
 from .errors import VolfilterError
 
 MODES = ("reflect", "nearest", "mirror", "constant", "wrap")
@@ -88,6 +88,8 @@ def box(x, voxel_mm, *, size_mm=None, size_vox=None, mode="reflect"):
     """Mean over an odd block of voxels (``size_mm`` or ``size_vox``, default 3 voxels)."""
     xp, ndi = namespace(x)
     size = box_size_vox(voxel_mm, size_mm=size_mm, size_vox=size_vox)
+    if fast := fast_cpu(x):
+        return fast.box(x, size, mode)
     return ndi.uniform_filter(x, size=size, mode=mode, output=xp.float32)
 
 
@@ -95,11 +97,16 @@ def gaussian(x, voxel_mm, *, fwhm_mm=None, sigma_mm=None, mode="reflect"):
     """Isotropic Gaussian in mm (``fwhm_mm`` or ``sigma_mm``), truncated at 4 sigma."""
     xp, ndi = namespace(x)
     sigma = sigma_vox(voxel_mm, fwhm_mm=fwhm_mm, sigma_mm=sigma_mm)
+    if fast := fast_cpu(x):
+        return fast.gaussian(x, sigma, mode, truncate=4.0)
     return ndi.gaussian_filter(x, sigma=sigma, mode=mode, output=xp.float32, truncate=4.0)
 
 
 def _gradient(x, voxel_mm, axis, mode, operator, gain):
     xp, ndi = namespace(x)
+    if fast := fast_cpu(x):
+        smooth = (1.0, 2.0, 1.0) if operator == "sobel" else (1.0, 1.0, 1.0)
+        return fast.gradient(x, [1.0 / (gain * h) for h in voxel_mm], axis, smooth, mode)
     op = getattr(ndi, operator)
     if axis != "magnitude":
         a = int(axis)
@@ -139,6 +146,8 @@ def sharpen(x, voxel_mm, *, amount=1.0, mode="reflect"):
     Equals correlation with :func:`pipeline.kernels.sharpen`.
     """
     xp, ndi = namespace(x)
+    if fast := fast_cpu(x):
+        return fast.sharpen(x, amount, mode)
     lap = ndi.laplace(x, mode=mode, output=xp.float32)
     lap *= xp.float32(-amount)
     lap += x
@@ -149,6 +158,8 @@ def unsharp(x, voxel_mm, *, fwhm_mm=4.0, amount=1.0, mode="reflect", _blur=None)
     """Unsharp mask ``x + amount * (x - gaussian(x, fwhm_mm))``."""
     xp, _ = namespace(x)
     blur = gaussian(x, voxel_mm, fwhm_mm=fwhm_mm, mode=mode) if _blur is None else _blur
+    if fast := fast_cpu(x):
+        return fast.axpby(x, blur, 1.0 + amount, -amount)
     # x + a*(x - blur) = (1 + a) x - a blur, computed in place on the blur.
     blur *= xp.float32(-amount)
     blur += xp.float32(1.0 + amount) * x
@@ -158,6 +169,8 @@ def unsharp(x, voxel_mm, *, fwhm_mm=4.0, amount=1.0, mode="reflect", _blur=None)
 def emboss(x, voxel_mm, *, mode="reflect"):
     """Correlation with :func:`pipeline.kernels.emboss` (lit along +i+j+k)."""
     xp, ndi = namespace(x)
+    if fast := fast_cpu(x):
+        return fast.correlate(x, kernels.emboss(), mode)
     return ndi.correlate(x, xp.asarray(kernels.emboss(), dtype=xp.float32), mode=mode, output=xp.float32)
 
 
@@ -166,6 +179,8 @@ def convolve_kernel(x, voxel_mm, *, kernel, mode="reflect"):
     xp, ndi = namespace(x)
     if not isinstance(kernel, np.ndarray):
         kernel = kernels.load_kernel_file(kernel)
+    if fast := fast_cpu(x):
+        return fast.correlate(x, kernel[::-1, ::-1, ::-1], mode)  # convolution = correlation, flipped
     return ndi.convolve(x, xp.asarray(kernel, dtype=xp.float32), mode=mode, output=xp.float32)
 
 
@@ -306,11 +321,11 @@ def _fill_missing(x, valid, radius: int, mode: str):
     w = valid.astype(xp.float32)
     filled = xp.where(valid, x, xp.float32(0))
     for _ in range(radius):
-        count = ndi.uniform_filter(w, 3, mode=mode)
+        count = box(w, (1, 1, 1), size_vox=3, mode=mode)
         grow = (w == 0) & (count > 0)
         if not bool(grow.any()):
             break
-        total = ndi.uniform_filter(filled, 3, mode=mode)
+        total = box(filled, (1, 1, 1), size_vox=3, mode=mode)
         with np.errstate(invalid="ignore", divide="ignore"):
             filled = xp.where(grow, total / count, filled)
         w = xp.where(grow, xp.float32(1), w)

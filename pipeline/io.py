@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import os
 import struct
 import tempfile
@@ -43,10 +44,12 @@ from .errors import VolfilterError
 
 try:  # optional: ISA-L gzip, measured several times faster than zlib (bench/)
     from isal import igzip as _gzip_impl
+    from isal import igzip_threaded as _gzip_threaded
 
     GZIP_BACKEND = "isal"
 except ImportError:  # pragma: no cover - exercised only without isal
     _gzip_impl = gzip
+    _gzip_threaded = None
     GZIP_BACKEND = "zlib"
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
@@ -375,6 +378,44 @@ def _remove_stale_temporaries(folder: str, prefix: str) -> None:
                     os.unlink(os.path.join(folder, name))
 
 
+class _Positioned(io.RawIOBase):
+    """A write-only stream that knows its position (nibabel asks ``tell()``; ISA-L's threaded writer cannot)."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self._raw = raw
+        self._pos = 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        n = self._raw.write(b)
+        self._pos += n if n is not None else len(b)
+        return n
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, offset, whence=0):
+        if whence == 0 and offset == self._pos:
+            return self._pos
+        raise OSError("stream cannot seek")
+
+
+GZIP_THREADS = 0  # 0: one thread per CPU (ISA-L's threaded writer); the bytes do not depend on it
+
+
+def _gzip_writer(fh):
+    """A deterministic gzip stream on ``fh``: no name, no timestamp; multithreaded with ISA-L."""
+    if _gzip_threaded is not None:
+        # Always the threaded writer (also for one thread): its independent 1 MiB blocks make
+        # the bytes the same for any thread count, hence on any machine.
+        threads = GZIP_THREADS or os.cpu_count() or 1
+        return _gzip_threaded.open(fh, "wb", compresslevel=GZIP_LEVEL, threads=threads)
+    return _gzip_impl.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=GZIP_LEVEL, mtime=0)
+
+
 def save(img, path) -> None:
     """Write ``img`` atomically; ``.nii.gz`` is compressed with a fast, deterministic gzip."""
     path = os.fspath(path)
@@ -382,11 +423,12 @@ def save(img, path) -> None:
 
     def write(fh):
         if ext == ".nii.gz":
-            gz = _gzip_impl.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=GZIP_LEVEL, mtime=0)
+            gz = _gzip_writer(fh)
             try:
-                img.to_file_map({"header": FileHolder(fileobj=gz), "image": FileHolder(fileobj=gz)})
+                out = _Positioned(gz)
+                img.to_file_map({"header": FileHolder(fileobj=out), "image": FileHolder(fileobj=out)})
             finally:
-                gz.close()
+                gz.close()  # also on failure: the threaded writer's thread must not outlive us
         else:
             img.to_file_map({"header": FileHolder(fileobj=fh), "image": FileHolder(fileobj=fh)})
 

@@ -29,7 +29,7 @@ rule filter_volume:
         "filter"
     conda:
         "../environment.yml"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=filter_mem_mb,
         runtime=filter_runtime,
@@ -42,7 +42,7 @@ rule filter_volume:
         mode=config["mode"],
     shell:
         "{params.cli} batch {input.img:q} --filters-json {params.filters:q} {params.outputs}"
-        " --backend {params.backend} --mode {params.mode} > {log:q} 2>&1"
+        " --backend {params.backend} --mode {params.mode} --threads {threads} > {log:q} 2>&1"
 
 
 rule dataset_description:

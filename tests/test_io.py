@@ -124,6 +124,17 @@ def test_gzip_output_is_deterministic_and_standard(nib_data, tmp_path):
     assert nib.Nifti1Image.from_bytes(nii).get_fdata().sum() == pytest.approx(float(vol.data.sum()), rel=1e-6)
 
 
+def test_gzip_bytes_do_not_depend_on_thread_count(nib_data, tmp_path, monkeypatch):
+    vol = vio.load(nib_data("example4d.nii.gz"))
+    img = vio.derived_image(vol.data, vol)
+    out = []
+    for n in (1, 2, 5):
+        monkeypatch.setattr(vio, "GZIP_THREADS", n)
+        vio.save(img, tmp_path / f"t{n}.nii.gz")
+        out.append((tmp_path / f"t{n}.nii.gz").read_bytes())
+    assert out[0] == out[1] == out[2]
+
+
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch, nib_data):
     vol = vio.load(nib_data("anatomical.nii"))
     img = vio.derived_image(vol.data, vol)

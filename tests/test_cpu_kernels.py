@@ -1,0 +1,64 @@
+"""The numba kernels equal scipy.ndimage (the plain path) and do not depend on the thread count."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from pipeline import apply_filter
+from pipeline.backend import cpu_kernels
+from pipeline.filters import FILTERS, MODES
+
+fast = cpu_kernels()
+pytestmark = pytest.mark.skipif(fast is None, reason="numba not installed")
+
+VOX = (1.0, 1.5, 2.5)
+
+
+def _params(name, tmp_path):
+    if name == "gaussian":
+        return {"fwhm_mm": 4.0}
+    if name == "kernel":
+        np.save(tmp_path / "k.npy", np.arange(3 * 5 * 3, dtype=float).reshape(3, 5, 3) - 20)
+        return {"kernel_file": str(tmp_path / "k.npy")}
+    return {}
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_fast_path_equals_scipy_path(name, mode, order, rng, tmp_path, monkeypatch):
+    x = np.asarray(rng.normal(100, 30, (19, 16, 13)).astype(np.float32), order=order)
+    params = _params(name, tmp_path)
+    ours = apply_filter(x, VOX, name, mode=mode, **params)
+    import pipeline.filters as filters
+
+    monkeypatch.setattr(filters, "fast_cpu", lambda a: None)
+    ref = apply_filter(x, VOX, name, mode=mode, **params)
+    scale = float(np.abs(ref).max())
+    assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * scale)
+    if name != "identity":
+        assert ours.flags.f_contiguous == (order == "F")  # Fortran in, Fortran out: no transpose on save
+
+
+@pytest.mark.parametrize("name", ["gaussian", "sobel", "sharpen", "emboss"])
+def test_results_identical_whatever_the_thread_count(name, rng):
+    x = np.asfortranarray(rng.normal(size=(40, 36, 30)).astype(np.float32))
+    params = {"fwhm_mm": 5.0} if name == "gaussian" else {}
+    outs = []
+    for n in (1, 2, 3):
+        fast.set_threads(n)
+        outs.append(apply_filter(x, VOX, name, **params))
+    fast.set_threads(None)
+    fast.set_threads(64)  # capped at what numba allows
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_mode_mapping_matches_numpy_pad():
+    n = 5
+    pad = {"reflect": "symmetric", "mirror": "reflect", "nearest": "edge", "wrap": "wrap"}
+    for mode, code in fast.MODE_CODES.items():
+        if mode == "constant":
+            assert fast._map(-1, n, code) == -1 and fast._map(n, n, code) == -1
+            continue
+        padded = np.pad(np.arange(n), 12, mode=pad[mode])
+        assert [fast._map(i, n, code) for i in range(-12, n + 12)] == list(padded), mode
