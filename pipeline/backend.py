@@ -8,8 +8,8 @@ Examples
 --------
 >>> import numpy as np
 >>> xp, ndi = namespace(np.zeros(3))
->>> xp.__name__, ndi.__name__
-('numpy', 'scipy.ndimage')
+>>> xp.__name__, ndi.gaussian_filter.__module__.startswith('scipy.ndimage')
+('numpy', True)
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.ndimage
 
 from .errors import VolfilterError
 
@@ -44,32 +43,51 @@ def _cupy():
         return None
 
 
-@functools.cache
+# Below this many voxels per call the numba kernels do not pay for themselves in a fresh process:
+# importing numba and loading the cached kernels costs ~1.4 s (measured, bench/), about what
+# scipy.ndimage spends on three filters of 4 M voxels. Once loaded they are used for every size.
+FAST_CPU_MIN_VOXELS = 4_000_000
+_kernels = None
+
+
 def cpu_kernels():
-    """The numba kernels module (:mod:`pipeline.cpu_kernels`), or None without numba.
+    """Load and return the numba kernels (:mod:`pipeline.cpu_kernels`), or None without numba.
 
     ``VOLFILTER_NO_NUMBA=1`` forces the plain scipy.ndimage path.
     """
-    if os.environ.get("VOLFILTER_NO_NUMBA"):
-        return None
-    try:
-        from . import cpu_kernels as kernels
-    except ImportError:
-        return None
-    return kernels
+    global _kernels
+    if _kernels is None and not os.environ.get("VOLFILTER_NO_NUMBA"):
+        try:
+            from . import cpu_kernels as kernels
+        except ImportError:
+            return None
+        _kernels = kernels
+    return _kernels
+
+
+def prepare_cpu(n_voxels: int) -> None:
+    """Load the numba kernels if a job of ``n_voxels`` is big enough to gain from them."""
+    if n_voxels >= FAST_CPU_MIN_VOXELS:
+        cpu_kernels()
 
 
 def set_cpu_threads(n: int | None) -> None:
     """Threads for the CPU kernels (results do not depend on it)."""
-    kernels = cpu_kernels()
-    if kernels is not None and n is not None:
-        kernels.set_threads(n)
+    global _threads
+    _threads = n
+    if _kernels is not None and n is not None:
+        _kernels.set_threads(n)
+
+
+_threads = None
 
 
 def fast_cpu(array):
-    """The numba kernels if ``array`` is a float32 NumPy array and numba is usable, else None."""
-    if isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 3:
-        return cpu_kernels()
+    """The numba kernels if loaded and ``array`` is a 3-D float32 NumPy array, else None."""
+    if _kernels is not None and isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 3:
+        if _threads is not None:
+            _kernels.set_threads(_threads)
+        return _kernels
     return None
 
 
@@ -115,10 +133,22 @@ def resolve(name: str = "auto") -> Backend:
     return Backend("cpu")
 
 
+class _LazyNdimage:
+    """scipy.ndimage, imported on first use (0.4 s that numba and GPU jobs need not pay)."""
+
+    def __getattr__(self, name):
+        import scipy.ndimage
+
+        return getattr(scipy.ndimage, name)
+
+
+_NDIMAGE = _LazyNdimage()
+
+
 def namespace(array):
     """Return ``(xp, ndi)``: the array module and its ndimage for ``array``."""
     if isinstance(array, np.ndarray):
-        return np, scipy.ndimage
+        return np, _NDIMAGE
     cupy = _cupy()
     if cupy is not None and isinstance(array, cupy.ndarray):
         import cupyx.scipy.ndimage
