@@ -16,6 +16,8 @@ rule qc_volume:
         metrics=os.path.join(OUT, "qc", "{base}{suffix}_qc.tsv"),
     log:
         os.path.join(OUT, "logs", "qc", "{base}{suffix}.log"),
+    group:
+        "filter"
     conda:
         "../environment.yml"
     threads: 1
