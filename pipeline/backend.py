@@ -14,6 +14,8 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 from dataclasses import dataclass
@@ -45,9 +47,11 @@ def _cupy():
 
 # Below this many voxels per call the numba kernels do not pay for themselves in a fresh process:
 # importing numba and loading the cached kernels costs ~1.4 s (measured, bench/), about what
-# scipy.ndimage spends on three filters of 4 M voxels. Once loaded they are used for every size.
+# scipy.ndimage spends on three filters of 4 M voxels. The choice depends on the call's size
+# alone, so the same input always takes the same path (and gives the same bytes).
 FAST_CPU_MIN_VOXELS = 4_000_000
 _kernels = None
+_use_fast = contextvars.ContextVar("volfilter_use_fast_cpu", default=False)
 
 
 def cpu_kernels():
@@ -65,10 +69,14 @@ def cpu_kernels():
     return _kernels
 
 
-def prepare_cpu(n_voxels: int) -> None:
-    """Load the numba kernels if a job of ``n_voxels`` is big enough to gain from them."""
-    if n_voxels >= FAST_CPU_MIN_VOXELS:
-        cpu_kernels()
+@contextlib.contextmanager
+def cpu_path_for(n_voxels: int):
+    """Within the block, CPU filters use the numba kernels if a call of ``n_voxels`` gains from them."""
+    token = _use_fast.set(n_voxels >= FAST_CPU_MIN_VOXELS and cpu_kernels() is not None)
+    try:
+        yield
+    finally:
+        _use_fast.reset(token)
 
 
 def set_cpu_threads(n: int | None) -> None:
@@ -83,8 +91,8 @@ _threads = None
 
 
 def fast_cpu(array):
-    """The numba kernels if loaded and ``array`` is a 3-D float32 NumPy array, else None."""
-    if _kernels is not None and isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 3:
+    """The numba kernels if chosen for this call and ``array`` is a 3-D float32 NumPy array, else None."""
+    if _use_fast.get() and isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 3:
         if _threads is not None:
             _kernels.set_threads(_threads)
         return _kernels

@@ -205,6 +205,12 @@ def _gradient(x, out, smooth, scale, which, mode):
                     o[j, i] = gi[j, i] * scale[2]
 
 
+@njit(cache=True)
+def _add_row(o, s):
+    for i in range(o.shape[0]):
+        o[i] += s[i]
+
+
 @njit(parallel=True, cache=True)
 def _sharpen(x, out, amount, mode):
     """(1 + 6a)·x − a·(sum of the 6 face neighbours), one pass."""
@@ -222,22 +228,15 @@ def _sharpen(x, out, amount, mode):
             o = out[k, j]
             for i in range(nx):
                 o[i] = pad[i] + pad[i + 2]
+            # A neighbour index of -1 lies outside (constant mode): it adds nothing.
             if km >= 0:
-                s = x[km, j]
-                for i in range(nx):
-                    o[i] += s[i]
+                _add_row(o, x[km, j])
             if kp >= 0:
-                s = x[kp, j]
-                for i in range(nx):
-                    o[i] += s[i]
+                _add_row(o, x[kp, j])
             if jm >= 0:
-                s = x[k, jm]
-                for i in range(nx):
-                    o[i] += s[i]
+                _add_row(o, x[k, jm])
             if jp >= 0:
-                s = x[k, jp]
-                for i in range(nx):
-                    o[i] += s[i]
+                _add_row(o, x[k, jp])
             c = x[k, j]
             for i in range(nx):
                 o[i] = centre * c[i] - a * o[i]

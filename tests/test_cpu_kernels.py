@@ -14,6 +14,14 @@ pytestmark = pytest.mark.skipif(fast is None, reason="numba not installed")
 VOX = (1.0, 1.5, 2.5)
 
 
+@pytest.fixture(autouse=True)
+def fast_for_every_size(monkeypatch):
+    """The numba path is normally taken for >= 4 M voxels only; test it on small arrays."""
+    import pipeline.backend as backend
+
+    monkeypatch.setattr(backend, "FAST_CPU_MIN_VOXELS", 0)
+
+
 def _params(name, tmp_path):
     if name == "gaussian":
         return {"fwhm_mm": 4.0}

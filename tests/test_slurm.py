@@ -48,12 +48,12 @@ def test_workflow_through_slurm_equals_local_run(cluster, tmp_path, rng):
     snakemake(local, {**cfg, "output_dir": str(local / "out")})
 
     (remote / "config.yaml").write_text(yaml.safe_dump({**cfg, "output_dir": str(remote / "out")}))
-    cmd = ["timeout", "-s", "KILL", "400", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+    cmd = ["timeout", "-s", "KILL", "240", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
            "--directory", str(remote), "--configfile", str(remote / "config.yaml"),
            "--profile", str(REPO / "profiles" / "slurm"),
            "--slurm-status-command", "squeue", "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "2",
            "--default-resources", "slurm_partition=debug", "mem_mb=500", "runtime=10",
-           "--group-components", "filter=2", "--slurm-keep-successful-logs", "--latency-wait", "5"]  # fmt: skip
+           "--group-components", "filter=2", "--cores", "2", "--slurm-keep-successful-logs", "--latency-wait", "5"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=remote, env=cluster, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -62,15 +62,19 @@ def make_bids(root, rng):
 FILTERS = {"smooth4": {"kind": "gaussian", "fwhm_mm": 4}, "edges": {"kind": "sobel"}, "sharp": {"kind": "sharpen"}}
 
 
-@pytest.fixture
-def bids_run(tmp_path, rng):
+def run_on_tiny_bids(tmp_path, rng, qc):
     src = tmp_path / "bids"
     make_bids(src, rng)
     out = tmp_path / "deriv"
     config = {"input_dir": str(src), "output_dir": str(out), "suffixes": ["T1w", "bold"], "filters": FILTERS,
-              "backend": "cpu", "qc": False}  # fmt: skip
+              "backend": "cpu", "qc": qc}  # fmt: skip
     snakemake(tmp_path, config)
     return tmp_path, src, out, config
+
+
+@pytest.fixture
+def bids_run(tmp_path, rng):
+    return run_on_tiny_bids(tmp_path, rng, qc=False)
 
 
 def test_bids_derivatives_and_sidecars(bids_run):
@@ -186,12 +190,7 @@ def test_bundled_example_config_runs(tmp_path):
 
 
 def test_qc_outputs_and_report(tmp_path, rng):
-    src = tmp_path / "bids"
-    make_bids(src, rng)
-    out = tmp_path / "deriv"
-    config = {"input_dir": str(src), "output_dir": str(out), "suffixes": ["T1w", "bold"], "filters": FILTERS,
-              "backend": "cpu", "qc": True}  # fmt: skip
-    snakemake(tmp_path, config)
+    _, _, out, config = run_on_tiny_bids(tmp_path, rng, qc=True)
     pngs = sorted(p.relative_to(out).as_posix() for p in (out / "qc").rglob("*_qc.png"))
     assert len(pngs) == 3 * len(FILTERS)
     assert "qc/sub-01/ses-pre/anat/sub-01_ses-pre_desc-smooth4_T1w_qc.png" in pngs
