@@ -51,7 +51,7 @@ def _cupy():
 # alone, so the same input always takes the same path (and gives the same bytes).
 FAST_CPU_MIN_VOXELS = 4_000_000
 _kernels = None
-_use_fast = contextvars.ContextVar("volfilter_use_fast_cpu", default=False)
+_use_fast = contextvars.ContextVar("volfilter_use_fast_cpu", default=None)
 
 
 def cpu_kernels():
@@ -71,7 +71,13 @@ def cpu_kernels():
 
 @contextlib.contextmanager
 def cpu_path_for(n_voxels: int):
-    """Within the block, CPU filters use the numba kernels if a call of ``n_voxels`` gains from them."""
+    """Within the block, CPU filters use the numba kernels if a call of ``n_voxels`` gains from them.
+
+    An enclosing block's choice stands (a series streamed volume by volume is sized as a whole).
+    """
+    if _use_fast.get() is not None:
+        yield
+        return
     token = _use_fast.set(n_voxels >= FAST_CPU_MIN_VOXELS and cpu_kernels() is not None)
     try:
         yield

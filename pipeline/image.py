@@ -11,6 +11,8 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -83,11 +85,13 @@ def _mask_array(mask, reference):
 
 
 def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=None, sidecars=True):
-    """Load ``input_path`` once and write every job's output (and JSON sidecar).
+    """Read ``input_path`` once, volume by volume, and write every job's output (and JSON sidecar).
 
-    On the GPU the volume is uploaded once and stays on the device for all
-    filters. Every parameter is validated before anything is read, and every
-    output is written atomically.
+    A 4-D series is streamed: memory holds one input volume and one output
+    volume per job, not the series. On the GPU each volume is uploaded once
+    and stays on the device for all filters. Every parameter is validated
+    before anything is read, and every output is written atomically: if
+    anything fails, no output of this call appears.
 
     Returns
     -------
@@ -102,17 +106,28 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
             raise VolfilterError(f"{job.output}: output would overwrite the input; choose another name")
         checked.append((job, check_params(job.kind, dict(job.params))))
     be = backends.resolve(backend)
-    vol = io.load(input_path)
-    mask = None if mask_path is None else io.load_mask(mask_path, vol)
-    data = be.to_device(vol.data)
-    dmask = None if mask is None else be.to_device(mask)
-    in_sha = provenance.sha256(input_path) if sidecars else None
-    mask_sha = provenance.sha256(mask_path) if (sidecars and mask_path) else None
-    for job, params in checked:
-        out = apply_filter(data, vol.voxel_mm, job.kind, mode=mode, mask=dmask, **params)
-        io.save(io.derived_image(be.to_host(out), vol, f"volfilter {job.kind}"), job.output)
-        del out
-        if sidecars:
+    with io.open_volumes(input_path) as stream, contextlib.ExitStack() as outputs:
+        mask = None if mask_path is None else io.load_mask(mask_path, stream)
+        dmask = None if mask is None else be.to_device(mask)
+        writers = [
+            outputs.enter_context(io.NiftiStreamWriter(job.output, stream, stream.shape, f"volfilter {job.kind}"))
+            for job, _ in checked
+        ]
+        any_finite = False
+        with backends.cpu_path_for(math.prod(stream.shape) if be.name == "cpu" else 0):
+            for vol in stream.volumes:
+                any_finite = any_finite or bool(np.isfinite(vol).any())
+                dvol = be.to_device(vol)
+                for (job, params), writer in zip(checked, writers, strict=True):
+                    writer.write(
+                        be.to_host(apply_filter(dvol, stream.voxel_mm, job.kind, mode=mode, mask=dmask, **params))
+                    )
+        if not any_finite:
+            raise VolfilterError(f"{input_path}: every voxel is NaN or infinite; there is nothing to filter")
+    if sidecars:
+        in_sha = provenance.sha256(input_path)
+        mask_sha = provenance.sha256(mask_path) if mask_path else None
+        for job, params in checked:
             meta = provenance.filter_sidecar(
                 input_path=input_path,
                 input_sha256=in_sha,

@@ -146,9 +146,7 @@ def _image_class(first_bytes: bytes, path: str):
 
 def _check_header(img, path: str, file_size: int, is_gz: bool, gz_isize: int | None, stored_pixdim):
     hdr = img.header
-    shape = tuple(int(s) for s in hdr.get_data_shape())
-    while len(shape) > 4 and shape[-1] == 1:
-        shape = shape[:-1]
+    shape = shape_of(img)
     if len(shape) < 3:
         raise VolfilterError(f"{path}: {len(shape)}-D image {shape}; volfilter needs a 3-D volume or a 4-D series")
     if len(shape) > 4:
@@ -233,6 +231,50 @@ def _open_checked(path: str, with_image):
     return (img if result is None else result), shape
 
 
+def _read_exact(fh, n: int) -> bytearray:
+    """Read up to ``n`` bytes into one buffer (no intermediate copies); shorter only at end of file."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = fh.readinto(view[got:])
+        if not k:
+            break
+        got += k
+    view.release()
+    if got < n:
+        del buf[got:]
+    return buf
+
+
+def _read_volumes(proxy, fh, shape, path):
+    """Yield the 3-D volumes of an open NIfTI stream as float32 (Fortran order), scaling applied.
+
+    One reader for whole loads and for volume-by-volume streaming, so both give the same bits.
+    """
+    spatial = tuple(shape[:3])
+    n_bytes = int(np.prod(spatial, dtype=np.int64)) * proxy.dtype.itemsize
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    try:
+        fh.seek(int(proxy.offset))
+        for t in range(shape[3] if len(shape) == 4 else 1):
+            buf = _read_exact(fh, n_bytes)
+            if len(buf) < n_bytes:
+                raise VolfilterError(f"{path}: truncated: volume {t} ends after {len(buf)} of {n_bytes} bytes")
+            raw = np.frombuffer(buf, proxy.dtype).reshape(spatial, order="F")
+            # Native float32 is used in place (the buffer is writable); anything else is converted.
+            vol = raw if raw.dtype == np.dtype(np.float32) else raw.astype(np.float32)
+            del buf, raw  # do not hold the raw bytes while the caller filters this volume
+            if slope != 1.0:
+                vol *= np.float32(slope)
+            if inter != 0.0:
+                vol += np.float32(inter)
+            yield vol
+    except (OSError, EOFError, zlib.error) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VolfilterError(f"{path}: cannot read NIfTI data, the file is truncated or corrupt ({reason})") from None
+
+
 def load(path) -> Volume:
     """Load a NIfTI-1/2 volume as float32 with its scaling applied.
 
@@ -250,24 +292,59 @@ def load(path) -> Volume:
     """
     path = os.fspath(path)
 
-    def read_data(img, fh):
-        data = img.get_fdata(dtype=np.float32)  # applies scl_slope / scl_inter
+    def read_all(img, fh):
+        data = np.empty(shape_of(img), np.float32, order="F")
+        flat = data.reshape(data.shape[:3] + (-1,), order="F")
+        for t, vol in enumerate(_read_volumes(img.dataobj, fh, data.shape, path)):
+            flat[..., t] = vol
         return data
 
     holder = {}
 
     def keep(img, fh):
-        holder["data"] = read_data(img, fh)
-        return None
+        holder["data"] = read_all(img, fh)
 
-    img, shape = _open_checked(path, keep)
+    img, _ = _open_checked(path, keep)
     data = holder["data"]
-    if data.shape != shape:
-        data = data.reshape(shape, order="F")
     if not np.isfinite(data).any():
         raise VolfilterError(f"{path}: every voxel is NaN or infinite; there is nothing to filter")
     # Detach from the (closed) file: the header and affine are all we keep.
     return Volume(header=img.header.copy(), affine=img.affine.copy(), data=data, path=path)
+
+
+def shape_of(img) -> tuple[int, ...]:
+    """The image's shape with trailing singleton dimensions beyond the 4th dropped."""
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    while len(shape) > 4 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+@dataclass
+class VolumeStream:
+    """An open NIfTI file read one 3-D volume at a time (``volumes`` yields float32 arrays)."""
+
+    header: nib.Nifti1Header
+    affine: np.ndarray
+    shape: tuple
+    path: str
+    volumes: object
+
+    @property
+    def voxel_mm(self) -> tuple[float, float, float]:
+        return voxel_sizes_mm(self)
+
+
+@contextlib.contextmanager
+def open_volumes(path):
+    """Check ``path`` like :func:`load`, then stream its volumes: memory for one volume, not the series."""
+    path = os.fspath(path)
+    img = read_header(path)
+    shape = shape_of(img)
+    with _open_raw(path) as (fh, _):
+        yield VolumeStream(
+            img.header.copy(), img.affine.copy(), shape, path, _read_volumes(img.dataobj, fh, shape, path)
+        )
 
 
 def load_mask(path, reference: nib.Nifti1Image) -> np.ndarray:
@@ -300,7 +377,7 @@ _GEOMETRY_FIELDS = (
 def derived_image(data: np.ndarray, reference, description: str = "volfilter"):
     """Wrap filtered ``data`` in a header that keeps ``reference``'s geometry.
 
-    ``reference`` is a :class:`Volume` or a nibabel NIfTI image.
+    ``reference`` is a :class:`Volume`, :class:`VolumeStream` or a nibabel NIfTI image.
     The result is float32, of the reference's NIfTI version, with qform, sform
     and their codes, pixdim (zooms and TR), units, intent and slice timing
     unchanged, scaling reset to slope 1 / intercept 0 and cal_min/cal_max
@@ -314,7 +391,7 @@ def derived_image(data: np.ndarray, reference, description: str = "volfilter"):
         hdr = hdr.as_byteswapped(native)
     hdr.set_data_dtype(np.float32)
     hdr.set_data_shape(data.shape)
-    img = klass(np.asarray(data, dtype=np.float32), reference.affine, hdr)
+    img = klass(data if data.dtype == np.float32 else np.asarray(data, dtype=np.float32), reference.affine, hdr)
     out = img.header
     for name in _GEOMETRY_FIELDS:
         out[name] = ref_hdr[name]
@@ -333,37 +410,61 @@ def same_file(a, b) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def atomic_write(path, write, *, suffix: str = ""):
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place.
+class AtomicFile:
+    """A temporary file beside ``path`` that becomes ``path`` on :meth:`commit` and vanishes on :meth:`abort`.
 
     A failure (or a kill) before the rename leaves no file at ``path``; a
     previous complete file there stays untouched until the new one is ready.
+    Used as a context manager it commits on success and aborts on any exception.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise VolfilterError(f"{path}: output folder {folder} does not exist")
-    prefix = "." + os.path.basename(path) + "."
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TMP_SUFFIX + suffix, dir=folder)
-    except OSError as exc:
-        raise VolfilterError(f"{path}: cannot write in {folder} ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        _remove_stale_temporaries(folder, prefix)
-    except OSError as exc:
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(self.folder):
+            raise VolfilterError(f"{self.path}: output folder {self.folder} does not exist")
+        self.prefix = "." + os.path.basename(self.path) + "."
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=self.prefix, suffix=TMP_SUFFIX, dir=self.folder)
+        except OSError as exc:
+            raise VolfilterError(f"{self.path}: cannot write in {self.folder} ({exc.strerror})") from None
+        self.fh = os.fdopen(fd, "wb")
+
+    def commit(self):
+        try:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+            os.chmod(self.tmp, 0o644)
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise VolfilterError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+        _remove_stale_temporaries(self.folder, self.prefix)
+
+    def abort(self):
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise VolfilterError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
+            self.fh.close()
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+            os.unlink(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, VolfilterError):
+                raise VolfilterError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+        return False
+
+
+def atomic_write(path, write):
+    """Call ``write(fileobj)`` on an :class:`AtomicFile` for ``path``."""
+    with AtomicFile(path) as f:
+        write(f.fh)
 
 
 TMP_SUFFIX = ".volfilter-tmp"
@@ -414,6 +515,50 @@ def _gzip_writer(fh):
         threads = GZIP_THREADS or os.cpu_count() or 1
         return _gzip_threaded.open(fh, "wb", compresslevel=GZIP_LEVEL, threads=threads)
     return _gzip_impl.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=GZIP_LEVEL, mtime=0)
+
+
+class NiftiStreamWriter:
+    """Write a derived NIfTI volume by volume (atomically), bytes identical to :func:`save`.
+
+    >>> # with NiftiStreamWriter(path, reference, shape, "volfilter gaussian") as w: w.write(vol)
+    """
+
+    def __init__(self, path, reference, shape, description: str = "volfilter"):
+        ext = nifti_extension(path)
+        img = derived_image(np.broadcast_to(np.float32(0), tuple(shape)), reference, description)
+        img.update_header()
+        hdr = img.header
+        self._file = AtomicFile(path)
+        try:
+            self._gz = _gzip_writer(self._file.fh) if ext == ".nii.gz" else None
+            self._out = _Positioned(self._gz) if self._gz is not None else self._file.fh
+            hdr.write_to(self._out)
+            self._out.write(b"\0" * (int(hdr.get_data_offset()) - self._out.tell()))
+        except BaseException:
+            self._close_gzip()
+            self._file.abort()
+            raise
+
+    def write(self, volume: np.ndarray) -> None:
+        """Append one 3-D volume (any order; written in NIfTI's Fortran order)."""
+        data = np.asfortranarray(volume, dtype=np.float32)
+        self._out.write(memoryview(data.T).cast("B"))
+
+    def _close_gzip(self):
+        if getattr(self, "_gz", None) is not None:
+            self._gz.close()  # also on failure: the threaded writer's thread must not outlive us
+            self._gz = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._close_gzip()
+        except BaseException:
+            self._file.abort()
+            raise
+        return self._file.__exit__(exc_type, exc, tb)
 
 
 def save(img, path) -> None:
