@@ -60,3 +60,18 @@ def test_gpu_image_level_on_real_mri(nib_data):
         cpu = filter_image(nib_data("example4d.nii.gz"), name, backend="cpu", **params).get_fdata()
         gpu = filter_image(nib_data("example4d.nii.gz"), name, backend="gpu", **params).get_fdata()
         _compare(cpu, gpu)
+
+
+def test_gpu_file_path_streams_and_equals_cpu(nib_data, tmp_path):
+    import nibabel as nib
+
+    from pipeline.image import FilterJob, filter_file
+
+    outs = {}
+    for be in ("cpu", "gpu"):
+        jobs = [FilterJob("gaussian", {"fwhm_mm": 6}, str(tmp_path / f"{be}-g.nii.gz")),
+                FilterJob("sobel", {}, str(tmp_path / f"{be}-e.nii.gz"))]  # fmt: skip
+        assert filter_file(nib_data("example4d.nii.gz"), jobs, backend=be, sidecars=False) == be
+        outs[be] = [nib.load(j.output).get_fdata() for j in jobs]
+    for cpu, gpu in zip(outs["cpu"], outs["gpu"], strict=True):
+        _compare(cpu, gpu)
