@@ -74,10 +74,6 @@ def box_size_vox(voxel_mm, *, size_mm=None, size_vox=None) -> tuple[int, int, in
 # The filters on one 3-D volume (no missing data)
 
 
-def _f32(xp, ndi, x):
-    return x.astype(xp.float32, copy=False)
-
-
 def identity(x, voxel_mm, *, mode="reflect"):
     """Return a float32 copy."""
     xp, _ = namespace(x)
@@ -346,7 +342,7 @@ def filter_volume(x, voxel_mm, name, params, *, mode="reflect", mask=None):
     spec = FILTERS[name]
     if mode not in MODES:
         raise VolfilterError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    x = _f32(xp, ndi, x)
+    x = x.astype(xp.float32, copy=False)
     finite = xp.isfinite(x)
     valid = finite if mask is None else finite & mask
     if bool(valid.all()):

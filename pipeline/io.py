@@ -194,7 +194,7 @@ def read_header(path) -> nib.Nifti1Image:
     singular affine, a data size that the file cannot hold, or a volume that
     would not fit in memory.
     """
-    img, _shape = _open_checked(os.fspath(path), lambda img, fh: None)
+    img, _ = _open_checked(os.fspath(path), lambda img, fh: None)
     return img
 
 
@@ -222,13 +222,13 @@ def _open_checked(path: str, with_image):
             fh.seek(0)
             img = klass.from_file_map({"header": FileHolder(path, fh), "image": FileHolder(path, fh)})
             shape = _check_header(img, path, file_size, is_gz, gz_isize, stored_pixdim)
-            result = with_image(img, fh)
+            with_image(img, fh)
     except VolfilterError:
         raise
     except (OSError, EOFError, zlib.error, ValueError, struct.error, nib.filebasedimages.ImageFileError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VolfilterError(f"{path}: cannot read NIfTI data, the file is truncated or corrupt ({reason})") from None
-    return (img if result is None else result), shape
+    return img, shape
 
 
 def _read_exact(fh, n: int) -> bytearray:

@@ -94,11 +94,3 @@ def runtime_min(path: str, n_filters: int, attempt: int = 1) -> int:
     except (VolfilterError, OSError):
         voxels = 256**3
     return max(5, math.ceil(30 * n_filters * voxels / 1e7 / 60)) * attempt
-
-
-def safe_join(root: str, rel: str) -> str:
-    """Join and check that the result stays inside ``root``."""
-    full = os.path.normpath(os.path.join(root, rel))
-    if os.path.commonpath([os.path.abspath(full), os.path.abspath(root)]) != os.path.abspath(root):
-        raise VolfilterError(f"{rel!r} would be written outside {root!r}")
-    return full
