@@ -14,8 +14,6 @@ Examples
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import os
 from dataclasses import dataclass
@@ -45,63 +43,35 @@ def _cupy():
         return None
 
 
-# Below this many voxels per call the numba kernels do not pay for themselves in a fresh process:
-# importing numba and loading the cached kernels costs ~1.4 s (measured, bench/), about what
-# scipy.ndimage spends on three filters of 4 M voxels. The choice depends on the call's size
-# alone, so the same input always takes the same path (and gives the same bytes).
-FAST_CPU_MIN_VOXELS = 4_000_000
-_kernels = None
-_use_fast = contextvars.ContextVar("volfilter_use_fast_cpu", default=None)
+_native = None
 
 
 def cpu_kernels():
-    """Load and return the numba kernels (:mod:`pipeline.cpu_kernels`), or None without numba.
+    """The compiled CPU kernels (:mod:`pipeline.native`), or None where they were not built.
 
-    ``VOLFILTER_NO_NUMBA=1`` forces the plain scipy.ndimage path.
+    ``VOLFILTER_NO_NATIVE=1`` forces the plain scipy.ndimage path.
     """
-    global _kernels
-    if _kernels is None and not os.environ.get("VOLFILTER_NO_NUMBA"):
+    global _native
+    if _native is None and not os.environ.get("VOLFILTER_NO_NATIVE"):
         try:
-            from . import cpu_kernels as kernels
-        except ImportError:
+            from . import native
+        except (ImportError, OSError):
             return None
-        _kernels = kernels
-    return _kernels
-
-
-@contextlib.contextmanager
-def cpu_path_for(n_voxels: int):
-    """Within the block, CPU filters use the numba kernels if a call of ``n_voxels`` gains from them.
-
-    An enclosing block's choice stands (a series streamed volume by volume is sized as a whole).
-    """
-    if _use_fast.get() is not None:
-        yield
-        return
-    token = _use_fast.set(n_voxels >= FAST_CPU_MIN_VOXELS and cpu_kernels() is not None)
-    try:
-        yield
-    finally:
-        _use_fast.reset(token)
+        _native = native
+    return _native
 
 
 def set_cpu_threads(n: int | None) -> None:
     """Threads for the CPU kernels (results do not depend on it)."""
-    global _threads
-    _threads = n
-    if _kernels is not None and n is not None:
-        _kernels.set_threads(n)
-
-
-_threads = None
+    kernels = cpu_kernels()
+    if kernels is not None:
+        kernels.set_threads(n)
 
 
 def fast_cpu(array):
-    """The numba kernels if chosen for this call and ``array`` is a 3-D float32 NumPy array, else None."""
-    if _use_fast.get() and isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 3:
-        if _threads is not None:
-            _kernels.set_threads(_threads)
-        return _kernels
+    """The compiled kernels if built and ``array`` is a 3-D float32 NumPy array, else None."""
+    if isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 3:
+        return cpu_kernels()
     return None
 
 
@@ -148,7 +118,7 @@ def resolve(name: str = "auto") -> Backend:
 
 
 class _LazyNdimage:
-    """scipy.ndimage, imported on first use (0.4 s that numba and GPU jobs need not pay)."""
+    """scipy.ndimage, imported on first use (0.4 s that native-kernel and GPU jobs need not pay)."""
 
     def __getattr__(self, name):
         import scipy.ndimage

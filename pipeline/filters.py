@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from .backend import cpu_path_for, fast_cpu, namespace
+from .backend import fast_cpu, namespace
 from .errors import VolfilterError
 
 MODES = ("reflect", "nearest", "mirror", "constant", "wrap")
@@ -393,11 +393,6 @@ def apply_filter(data, voxel_mm, name, *, mode="reflect", mask=None, **params):
     ndarray
         float32, same shape and device as ``data``.
     """
-    with cpu_path_for(int(data.size) if isinstance(data, np.ndarray) else 0):
-        return _apply(data, voxel_mm, name, mode, mask, params)
-
-
-def _apply(data, voxel_mm, name, mode, mask, params):
     xp, _ = namespace(data)
     params = check_params(name, params)
     if name == "kernel":

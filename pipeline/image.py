@@ -12,7 +12,6 @@ Examples
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from dataclasses import dataclass
 
@@ -114,14 +113,12 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
             for job, _ in checked
         ]
         any_finite = False
-        with backends.cpu_path_for(math.prod(stream.shape) if be.name == "cpu" else 0):
-            for vol in stream.volumes:
-                any_finite = any_finite or bool(np.isfinite(vol).any())
-                dvol = be.to_device(vol)
-                for (job, params), writer in zip(checked, writers, strict=True):
-                    writer.write(
-                        be.to_host(apply_filter(dvol, stream.voxel_mm, job.kind, mode=mode, mask=dmask, **params))
-                    )
+        for vol in stream.volumes:
+            any_finite = any_finite or bool(np.isfinite(vol).any())
+            dvol = be.to_device(vol)
+            for (job, params), writer in zip(checked, writers, strict=True):
+                out = apply_filter(dvol, stream.voxel_mm, job.kind, mode=mode, mask=dmask, **params)
+                writer.write(be.to_host(out))
         if not any_finite:
             raise VolfilterError(f"{input_path}: every voxel is NaN or infinite; there is nothing to filter")
     if sidecars:

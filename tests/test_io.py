@@ -282,13 +282,10 @@ def test_streamed_output_is_byte_identical_to_whole_volume_save(nib_data, tmp_pa
     assert streamed.read_bytes() == whole.read_bytes()
 
 
-def test_series_is_streamed_volume_by_volume(tmp_path, rng, monkeypatch):
+def test_series_is_streamed_volume_by_volume(tmp_path, rng):
     """Peak memory does not grow with the number of volumes (imports and gzip buffers aside)."""
     import tracemalloc
 
-    import pipeline.backend as backend
-
-    monkeypatch.setattr(backend, "FAST_CPU_MIN_VOXELS", 0)  # the same CPU path for every series size
     from pipeline.image import FilterJob, filter_file
 
     def peak_for(n_volumes):

@@ -1,0 +1,139 @@
+"""Fused, multithreaded CPU kernels in C (``pipeline/_native.c``, OpenMP), called through ctypes.
+
+scipy.ndimage runs each 1-D pass single-threaded, in float64, with a full
+volume of temporaries per pass. These kernels work plane by plane (a 256×256
+float32 plane fits in L2), fuse the passes that can share a plane, accumulate
+in float32 and split the planes over threads. Each output voxel is computed by
+one thread in a fixed order and the build forbids fused multiply-add, so the
+results are identical whatever the thread count or CPU. They agree with
+scipy.ndimage to ~1e-6 relative (tests compare every filter, mode and order).
+
+The library is compiled when the package is installed (a C compiler with
+OpenMP is needed; without one the package falls back to scipy.ndimage), so a
+fresh process pays nothing to use it. Border modes follow scipy.ndimage.
+C- and Fortran-ordered input is handled without a copy by working on the
+C-ordered view, so Fortran input gives Fortran output (what NIfTI stores).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+
+import numpy as np
+
+MODE_CODES = {"reflect": 0, "mirror": 1, "nearest": 2, "wrap": 3, "constant": 4}
+
+_spec = importlib.util.find_spec("pipeline._native")
+if _spec is None or _spec.origin is None:
+    raise ImportError("pipeline._native is not built")
+_lib = ctypes.CDLL(_spec.origin)
+
+_F = ctypes.POINTER(ctypes.c_float)
+_I = ctypes.c_int64
+for _name, _args in {
+    "vf_separable": [_F, _F, _I, _I, _I, _F, _I, _F, _I, _F, _I, ctypes.c_int],
+    "vf_gradient": [_F, _F, _I, _I, _I, _F, _F, ctypes.c_int, ctypes.c_int],
+    "vf_sharpen": [_F, _F, _I, _I, _I, ctypes.c_float, ctypes.c_int],
+    "vf_correlate": [_F, _F, _I, _I, _I, _F, _I, _I, _I, ctypes.c_int],
+}.items():
+    getattr(_lib, _name).argtypes = _args
+    getattr(_lib, _name).restype = ctypes.c_int
+_lib.vf_axpby.argtypes = [_F, _F, _F, _I, ctypes.c_float, ctypes.c_float]
+_lib.vf_axpby.restype = None
+_lib.vf_set_threads.argtypes = [ctypes.c_int]
+_lib.vf_max_threads.restype = ctypes.c_int
+_ALL_THREADS = _lib.vf_max_threads()
+
+
+def set_threads(n: int | None) -> int:
+    """Use ``n`` threads (None: all cores); returns the count in force."""
+    _lib.vf_set_threads(_ALL_THREADS if n is None else max(1, int(n)))
+    return _lib.vf_max_threads()
+
+
+def _p(a: np.ndarray):
+    return a.ctypes.data_as(_F)
+
+
+def _f32(values) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise MemoryError("native kernel could not allocate its plane buffers")
+
+
+def _view(x, per_axis):
+    """C-ordered view of a 3-D float32 array, its per-axis values in view order, and whether transposed."""
+    if x.flags.c_contiguous:
+        return x, tuple(per_axis), False
+    if x.flags.f_contiguous:
+        return x.T, tuple(per_axis)[::-1], True
+    return np.ascontiguousarray(x), tuple(per_axis), False
+
+
+def _finish(out, transposed):
+    return out.T if transposed else out
+
+
+def gaussian_weights(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """scipy.ndimage's sampled, normalised Gaussian (radius ``int(truncate·σ + 0.5)``)."""
+    r = int(truncate * float(sigma) + 0.5)
+    d = np.arange(-r, r + 1, dtype=np.float64)
+    w = np.exp(-0.5 / (float(sigma) ** 2) * d * d)
+    return (w / w.sum()).astype(np.float32)
+
+
+def separable(x, weights, mode="reflect"):
+    """Correlate with one odd-length 1-D kernel per axis (a Gaussian, a box)."""
+    v, w, t = _view(x, weights)
+    wk, wj, wi = (_f32(a) for a in w)
+    out = np.empty(v.shape, np.float32)
+    _check(
+        _lib.vf_separable(_p(v), _p(out), *v.shape, _p(wk), wk.size, _p(wj), wj.size, _p(wi), wi.size, MODE_CODES[mode])
+    )
+    return _finish(out, t)
+
+
+def gaussian(x, sigma_vox, mode="reflect", truncate=4.0):
+    return separable(x, [gaussian_weights(s, truncate) for s in sigma_vox], mode)
+
+
+def box(x, size_vox, mode="reflect"):
+    return separable(x, [np.full(int(n), 1.0 / int(n), np.float32) for n in size_vox], mode)
+
+
+def gradient(x, scale_per_axis, axis, smooth, mode="reflect"):
+    """Sobel (smooth=(1,2,1)) or Prewitt (1,1,1); ``axis`` 0/1/2 or 'magnitude'; result × scale."""
+    v, scale, t = _view(x, scale_per_axis)
+    which = 3 if axis == "magnitude" else ((2 - int(axis)) if t else int(axis))  # view axes reversed for F input
+    out = np.empty(v.shape, np.float32)
+    _check(_lib.vf_gradient(_p(v), _p(out), *v.shape, _p(_f32(smooth)), _p(_f32(scale)), which, MODE_CODES[mode]))
+    return _finish(out, t)
+
+
+def sharpen(x, amount, mode="reflect"):
+    v, _, t = _view(x, (0, 0, 0))
+    out = np.empty(v.shape, np.float32)
+    _check(_lib.vf_sharpen(_p(v), _p(out), *v.shape, float(amount), MODE_CODES[mode]))
+    return _finish(out, t)
+
+
+def correlate(x, kernel, mode="reflect"):
+    v, _, t = _view(x, (0, 0, 0))
+    k = np.asarray(kernel, np.float32)
+    k = _f32(k.transpose((2, 1, 0)) if t else k)
+    out = np.empty(v.shape, np.float32)
+    _check(_lib.vf_correlate(_p(v), _p(out), *v.shape, _p(k), *k.shape, MODE_CODES[mode]))
+    return _finish(out, t)
+
+
+def axpby(x, y, a, b):
+    """a·x + b·y in the memory order of ``y`` (both float32, same shape)."""
+    vy, _, t = _view(y, (0, 0, 0))
+    vx = np.ascontiguousarray(x.T if t else x, dtype=np.float32)
+    out = np.empty(vy.shape, np.float32)
+    _lib.vf_axpby(_p(vx), _p(vy), _p(out), out.size, float(a), float(b))
+    return _finish(out, t)
