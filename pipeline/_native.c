@@ -70,6 +70,20 @@ static void corr_cols(const float *src, float *dst, int64_t ny, int64_t nx, cons
     }
 }
 
+/* Inside a parallel region: record whether this thread's buffers were allocated, wait for all
+ * threads, and tell every thread the same answer (so all of them take, or skip, the work-sharing loop). */
+static int all_allocated(int ok, int *failed) {
+    if (!ok) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+    int f;
+#pragma omp atomic read
+    f = *failed;
+    return !f;
+}
+
 /* Separable correlation, all three passes per output plane: along k into a plane buffer, then rows, then columns. */
 int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                  const float *wk, int64_t Tk, const float *wj, int64_t Tj, const float *wi, int64_t Ti, int mode) {
@@ -80,13 +94,9 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
         float *buf = malloc((size_t)plane * sizeof(float));
         float *buf2 = malloc((size_t)plane * sizeof(float));
         float *pad = malloc((size_t)(nx + Ti) * sizeof(float));
-        if (!buf || !buf2 || !pad) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        if (all_allocated(buf && buf2 && pad, &failed))
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < nz; k++) {
-            if (failed) continue;
             for (int64_t j = 0; j < ny; j++) {
                 float *acc = buf + j * nx;
                 memset(acc, 0, (size_t)nx * sizeof(float));
@@ -115,13 +125,9 @@ int vf_gradient(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
         float *t1 = malloc((size_t)plane * sizeof(float)), *gk = malloc((size_t)plane * sizeof(float));
         float *gj = malloc((size_t)plane * sizeof(float)), *gi = malloc((size_t)plane * sizeof(float));
         float *pad = malloc((size_t)(nx + 3) * sizeof(float));
-        if (!P || !Q || !t1 || !gk || !gj || !gi || !pad) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        if (all_allocated(P && Q && t1 && gk && gj && gi && pad, &failed))
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < nz; k++) {
-            if (failed) continue;
             int64_t km = map_index(k - 1, nz, mode), kp = map_index(k + 1, nz, mode);
             const float *c = x + k * plane;
             const float *a = km >= 0 ? x + km * plane : NULL, *b = kp >= 0 ? x + kp * plane : NULL;
@@ -155,13 +161,9 @@ int vf_sharpen(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx, f
 #pragma omp parallel
     {
         float *pad = malloc((size_t)(nx + 2) * sizeof(float));
-        if (!pad) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        if (all_allocated(pad != NULL, &failed))
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < nz; k++) {
-            if (failed) continue;
             int64_t km = map_index(k - 1, nz, mode), kp = map_index(k + 1, nz, mode);
             for (int64_t j = 0; j < ny; j++) {
                 int64_t jm = map_index(j - 1, ny, mode), jp = map_index(j + 1, ny, mode);
@@ -189,13 +191,9 @@ int vf_correlate(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
 #pragma omp parallel
     {
         float *pad = malloc((size_t)(nx + 2 * ri) * sizeof(float));
-        if (!pad) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        if (all_allocated(pad != NULL, &failed))
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < nz; k++) {
-            if (failed) continue;
             for (int64_t j = 0; j < ny; j++) {
                 float *o = out + (k * ny + j) * nx;
                 memset(o, 0, (size_t)nx * sizeof(float));
