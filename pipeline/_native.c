@@ -84,31 +84,263 @@ static int all_allocated(int ok, int *failed) {
     return !f;
 }
 
-/* Separable correlation, all three passes per output plane: along k into a plane buffer, then rows, then columns. */
+/* GCC vector types: 8 floats (one AVX register, two SSE registers in the baseline clone); the
+ * unaligned variant loads and stores anywhere. */
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+static inline v8 ld8(const float *p) { return *(const v8u *)p; }
+static inline void st8(float *p, v8 v) { *(v8u *)p = v; }
+
+/* out[e] = sum_t w[t] * src[t][e] for e0 <= e < e1: the one operation of every separable pass (the
+ * rows pass gives src[t] = padded row + t, the other passes the rows t - r away, border-mapped). The
+ * accumulators stay in registers across taps (32 outputs at a time); a symmetric kernel (w[r-d] ==
+ * w[r+d], Gaussian and box) adds the two mirrored taps before one multiplication. Every element goes
+ * through the same operations in the same order in the vector body and the scalar tail, so the
+ * result does not depend on where the blocks fall. */
+CLONES static void wsum(float *restrict out, const float *const *src, const float *w, int64_t T, int sym,
+                        int64_t e0, int64_t e1) {
+    int64_t r = (T - 1) / 2, e = e0;
+    if (sym) {
+        const float *c = src[r];
+        for (; e + 32 <= e1; e += 32) {
+            v8 a0 = w[r] * ld8(c + e), a1 = w[r] * ld8(c + e + 8), a2 = w[r] * ld8(c + e + 16), a3 = w[r] * ld8(c + e + 24);
+            for (int64_t d = 1; d <= r; d++) {
+                const float *p = src[r + d] + e, *q = src[r - d] + e;
+                float wd = w[r + d];
+                a0 += wd * (ld8(p) + ld8(q));
+                a1 += wd * (ld8(p + 8) + ld8(q + 8));
+                a2 += wd * (ld8(p + 16) + ld8(q + 16));
+                a3 += wd * (ld8(p + 24) + ld8(q + 24));
+            }
+            st8(out + e, a0); st8(out + e + 8, a1); st8(out + e + 16, a2); st8(out + e + 24, a3);
+        }
+        for (; e + 8 <= e1; e += 8) {
+            v8 a0 = w[r] * ld8(c + e);
+            for (int64_t d = 1; d <= r; d++) a0 += w[r + d] * (ld8(src[r + d] + e) + ld8(src[r - d] + e));
+            st8(out + e, a0);
+        }
+        for (; e < e1; e++) {
+            float a0 = w[r] * c[e];
+            for (int64_t d = 1; d <= r; d++) a0 += w[r + d] * (src[r + d][e] + src[r - d][e]);
+            out[e] = a0;
+        }
+    } else {
+        for (; e + 32 <= e1; e += 32) {
+            const float *p = src[0] + e;
+            v8 a0 = w[0] * ld8(p), a1 = w[0] * ld8(p + 8), a2 = w[0] * ld8(p + 16), a3 = w[0] * ld8(p + 24);
+            for (int64_t t = 1; t < T; t++) {
+                p = src[t] + e;
+                a0 += w[t] * ld8(p); a1 += w[t] * ld8(p + 8); a2 += w[t] * ld8(p + 16); a3 += w[t] * ld8(p + 24);
+            }
+            st8(out + e, a0); st8(out + e + 8, a1); st8(out + e + 16, a2); st8(out + e + 24, a3);
+        }
+        for (; e + 8 <= e1; e += 8) {
+            v8 a0 = w[0] * ld8(src[0] + e);
+            for (int64_t t = 1; t < T; t++) a0 += w[t] * ld8(src[t] + e);
+            st8(out + e, a0);
+        }
+        for (; e < e1; e++) {
+            float a0 = w[0] * src[0][e];
+            for (int64_t t = 1; t < T; t++) a0 += w[t] * src[t][e];
+            out[e] = a0;
+        }
+    }
+}
+
+static int is_symmetric(const float *w, int64_t T) {
+    for (int64_t t = 0; t < T / 2; t++)
+        if (w[t] != w[T - 1 - t]) return 0;
+    return 1;
+}
+
+/* rows[p] = row (p - r, border-mapped) of a stack of n rows `stride` floats apart, for p < n + 2r, so
+ * that output row j reads its taps at rows + j; a zero row stands for the constant mode's outside. */
+static void tap_table(const float **rows, const float *base, int64_t stride, int64_t n, int64_t r, int mode,
+                      const float *zero) {
+    for (int64_t p = 0; p < n + 2 * r; p++) {
+        int64_t m = map_index(p - r, n, mode);
+        rows[p] = m >= 0 ? base + m * stride : zero;
+    }
+}
+
+/* Symmetric kernels (Gaussian, box) take this path: with R the taps of one output centred on it
+ * (R[s] is the row s away, s = -r..r),  out = w[r] R[0] + sum over d = 1..r of w[r+d] (R[-d] + R[d]),
+ * accumulated by fused multiply-adds in this order. The AVX2+FMA code and the portable code (fmaf,
+ * correctly rounded on every platform) do exactly these operations, so both give the same bits. */
+static inline float sym_one(const float *const *R, int64_t e, const float *w, int64_t r) {
+    float a = w[r] * R[0][e];
+    for (int64_t d = 1; d <= r; d++) a = fmaf(w[r + d], R[-d][e] + R[d][e], a);
+    return a;
+}
+
+static void sym_row_portable(float *out, const float *const *R, int64_t e0, int64_t e1, const float *w, int64_t r) {
+    for (int64_t e = e0; e < e1; e++) out[e] = sym_one(R, e, w, r);
+}
+
+/* Along the slow axis of n rows: output row j (ostride apart) from the taps rows + j + r. */
+static void sym_cols_portable(float *out, int64_t ostride, const float *const *rows, int64_t n, int64_t width,
+                              const float *w, int64_t r) {
+    for (int64_t j = 0; j < n; j++) sym_row_portable(out + j * ostride, rows + j + r, 0, width, w, r);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define V3 __attribute__((target("avx2,fma")))
+#define LD(p) _mm256_loadu_ps(p)
+
+/* One output row, 32 then 8 outputs at a time, the accumulators in registers across taps. */
+V3 static void sym_row_v3(float *out, const float *const *R, int64_t e0, int64_t e1, const float *w, int64_t r) {
+    const __m256 wr = _mm256_set1_ps(w[r]);
+    int64_t e = e0;
+    for (; e + 32 <= e1; e += 32) {
+        const float *c = R[0] + e;
+        __m256 a0 = _mm256_mul_ps(wr, LD(c)), a1 = _mm256_mul_ps(wr, LD(c + 8));
+        __m256 a2 = _mm256_mul_ps(wr, LD(c + 16)), a3 = _mm256_mul_ps(wr, LD(c + 24));
+        for (int64_t d = 1; d <= r; d++) {
+            const float *p = R[-d] + e, *q = R[d] + e;
+            const __m256 wd = _mm256_set1_ps(w[r + d]);
+            a0 = _mm256_fmadd_ps(wd, _mm256_add_ps(LD(p), LD(q)), a0);
+            a1 = _mm256_fmadd_ps(wd, _mm256_add_ps(LD(p + 8), LD(q + 8)), a1);
+            a2 = _mm256_fmadd_ps(wd, _mm256_add_ps(LD(p + 16), LD(q + 16)), a2);
+            a3 = _mm256_fmadd_ps(wd, _mm256_add_ps(LD(p + 24), LD(q + 24)), a3);
+        }
+        _mm256_storeu_ps(out + e, a0); _mm256_storeu_ps(out + e + 8, a1);
+        _mm256_storeu_ps(out + e + 16, a2); _mm256_storeu_ps(out + e + 24, a3);
+    }
+    for (; e + 8 <= e1; e += 8) {
+        __m256 a0 = _mm256_mul_ps(wr, LD(R[0] + e));
+        for (int64_t d = 1; d <= r; d++)
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(w[r + d]), _mm256_add_ps(LD(R[-d] + e), LD(R[d] + e)), a0);
+        _mm256_storeu_ps(out + e, a0);
+    }
+    for (; e < e1; e++) out[e] = sym_one(R, e, w, r);
+}
+
+/* Along the slow axis: 16 columns of two neighbouring output rows at a time. Rows j and j+1 share
+ * their taps, so each step d loads two new rows (j-d, j+1+d) and reuses two from the step before:
+ * two loads, two additions and two fused multiply-adds per 16 outputs and tap pair. Going down all
+ * rows of one 16-column block keeps the 2r+2 rows it needs in L1. */
+V3 static void sym_cols_v3(float *out, int64_t ostride, const float *const *rows, int64_t n, int64_t width,
+                           const float *w, int64_t r) {
+    const __m256 wr = _mm256_set1_ps(w[r]);
+    int64_t eb = width / 16 * 16;
+    for (int64_t e = 0; e < eb; e += 16) {
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+            const float *const *R = rows + j + r;
+            __m256 la = LD(R[0] + e), lb = LD(R[0] + e + 8), ra = LD(R[1] + e), rb = LD(R[1] + e + 8);
+            __m256 s0a = _mm256_mul_ps(wr, la), s0b = _mm256_mul_ps(wr, lb);
+            __m256 s1a = _mm256_mul_ps(wr, ra), s1b = _mm256_mul_ps(wr, rb);
+            for (int64_t d = 1; d <= r; d++) {  /* here la/lb = row j+1-d, ra/rb = row j+d */
+                const __m256 wd = _mm256_set1_ps(w[r + d]);
+                const __m256 na = LD(R[-d] + e), nb = LD(R[-d] + e + 8);
+                const __m256 ma = LD(R[1 + d] + e), mb = LD(R[1 + d] + e + 8);
+                s0a = _mm256_fmadd_ps(wd, _mm256_add_ps(na, ra), s0a);
+                s0b = _mm256_fmadd_ps(wd, _mm256_add_ps(nb, rb), s0b);
+                s1a = _mm256_fmadd_ps(wd, _mm256_add_ps(la, ma), s1a);
+                s1b = _mm256_fmadd_ps(wd, _mm256_add_ps(lb, mb), s1b);
+                la = na; lb = nb; ra = ma; rb = mb;
+            }
+            float *o = out + j * ostride + e;
+            _mm256_storeu_ps(o, s0a); _mm256_storeu_ps(o + 8, s0b);
+            _mm256_storeu_ps(o + ostride, s1a); _mm256_storeu_ps(o + ostride + 8, s1b);
+        }
+        if (j < n) sym_row_v3(out + j * ostride, rows + j + r, e, e + 16, w, r);
+    }
+    if (eb < width)
+        for (int64_t j = 0; j < n; j++) sym_row_v3(out + j * ostride, rows + j + r, eb, width, w, r);
+}
+#undef LD
+
+static int force_portable = 0;
+static int has_v3(void) { return !force_portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#else
+static int force_portable = 0;
+static int has_v3(void) { return 0; }
+#define sym_row_v3 sym_row_portable
+#define sym_cols_v3 sym_cols_portable
+#endif
+
+/* Tests: 1 makes the symmetric separable kernels take the portable code, as on a CPU without AVX2+FMA. */
+void vf_force_portable(int on) { force_portable = on; }
+
+/* 1 when the symmetric separable kernels run vectorised with hardware FMA: x86-64 with AVX2+FMA,
+ * or a platform whose fmaf is a single instruction (AArch64 and others define FP_FAST_FMAF). */
+int vf_fast_separable(void) {
+#ifdef FP_FAST_FMAF
+    return 1;
+#else
+    return force_portable ? 0 : has_v3();
+#endif
+}
+
+/* One pass along the slow axis of a stack of rows: output row j (ostride apart) from rows + j, where
+ * rows[p] is row p - r. Non-symmetric kernels go through wsum in strips of STRIP columns (the T rows
+ * a strip needs stay in L1). */
+#define STRIP 128
+static void pass_cols(float *out, int64_t ostride, const float *const *rows, int64_t n, int64_t width,
+                      const float *w, int64_t T, int sym, int v3) {
+    if (sym) {
+        if (v3) sym_cols_v3(out, ostride, rows, n, width, w, (T - 1) / 2);
+        else sym_cols_portable(out, ostride, rows, n, width, w, (T - 1) / 2);
+        return;
+    }
+    for (int64_t e0 = 0; e0 < width; e0 += STRIP) {
+        int64_t e1 = e0 + STRIP < width ? e0 + STRIP : width;
+        for (int64_t j = 0; j < n; j++) wsum(out + j * ostride, rows + j, w, T, 0, e0, e1);
+    }
+}
+
+/* Row stride of a thread buffer: a multiple of 16 floats plus 16, so that rows a power of two
+ * apart do not fall on the same L1 sets. */
+static int64_t buffer_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
+
+static float *alloc64(int64_t n) { return aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64)); }
+
+/* Separable correlation with one odd 1-D kernel per axis, in two sweeps over memory. First, per
+ * plane: along the rows (i) into a plane buffer, then along the columns (j) into `out`; a 256x256
+ * plane stays in L2. Then along k, in place on `out`, per chunk of the plane: the chunk's column
+ * through all planes is copied to a thread buffer (~1 MB) that serves all taps. */
 int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                  const float *wk, int64_t Tk, const float *wj, int64_t Tj, const float *wi, int64_t Ti, int mode) {
-    int failed = 0;
-    int64_t rk = (Tk - 1) / 2, plane = ny * nx;
+    int failed = 0, v3 = has_v3();
+    int64_t plane = ny * nx, ri = (Ti - 1) / 2, rj = (Tj - 1) / 2, rk = (Tk - 1) / 2;
+    int sk = is_symmetric(wk, Tk), sj = is_symmetric(wj, Tj), si = is_symmetric(wi, Ti);
+    int64_t cw = (262144 / (nz > 0 ? nz : 1)) / 32 * 32;
+    if (cw < 32) cw = 32;
+    if (cw > plane) cw = plane;
+    int64_t n_chunks = plane > 0 ? (plane + cw - 1) / cw : 0;
+    int64_t bs = buffer_stride(nx), cs = buffer_stride(cw), zlen = bs > cs ? bs : cs;
 #pragma omp parallel
     {
-        float *buf = malloc((size_t)plane * sizeof(float));
-        float *buf2 = malloc((size_t)plane * sizeof(float));
-        float *pad = malloc((size_t)(nx + Ti) * sizeof(float));
-        if (all_allocated(buf && buf2 && pad, &failed))
+        float *buf = alloc64(ny * bs), *pad = alloc64(nx + 2 * ri), *col = alloc64(nz * cs), *zero = alloc64(zlen);
+        const float **src = malloc((size_t)Ti * sizeof(float *));
+        const float **jrows = malloc((size_t)(ny + 2 * rj) * sizeof(float *));
+        const float **krows = malloc((size_t)(nz + 2 * rk) * sizeof(float *));
+        if (all_allocated(buf && pad && col && zero && src && jrows && krows, &failed)) {
+            memset(zero, 0, (size_t)zlen * sizeof(float));
+            for (int64_t t = 0; t < Ti; t++) src[t] = pad + t;
+            tap_table(jrows, buf, bs, ny, rj, mode, zero);
+            tap_table(krows, col, cs, nz, rk, mode, zero);
 #pragma omp for schedule(static)
-        for (int64_t k = 0; k < nz; k++) {
-            for (int64_t j = 0; j < ny; j++) {
-                float *acc = buf + j * nx;
-                memset(acc, 0, (size_t)nx * sizeof(float));
-                for (int64_t t = 0; t < Tk; t++) {
-                    int64_t m = map_index(k + t - rk, nz, mode);
-                    if (m >= 0) axpy(acc, x + (m * ny + j) * nx, wk[t], nx);
+            for (int64_t k = 0; k < nz; k++) {
+                const float *xk = x + k * plane;
+                for (int64_t j = 0; j < ny; j++) {
+                    pad_row(xk + j * nx, pad, nx, ri, mode);
+                    if (!si) wsum(buf + j * bs, src, wi, Ti, 0, 0, nx);
+                    else if (v3) sym_row_v3(buf + j * bs, src + ri, 0, nx, wi, ri);
+                    else sym_row_portable(buf + j * bs, src + ri, 0, nx, wi, ri);
                 }
+                pass_cols(out + k * plane, nx, jrows, ny, nx, wj, Tj, sj, v3);
             }
-            corr_rows(buf, buf2, ny, nx, wi, Ti, mode, pad);
-            corr_cols(buf2, out + k * plane, ny, nx, wj, Tj, mode);
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < n_chunks; c++) {
+                int64_t c0 = c * cw, n = plane - c0 < cw ? plane - c0 : cw;
+                for (int64_t k = 0; k < nz; k++) memcpy(col + k * cs, out + k * plane + c0, (size_t)n * sizeof(float));
+                pass_cols(out + c0, plane, krows, nz, n, wk, Tk, sk, v3);
+            }
         }
-        free(buf); free(buf2); free(pad);
+        free(buf); free(pad); free(col); free(zero); free(src); free(jrows); free(krows);
     }
     return failed ? -1 : 0;
 }
