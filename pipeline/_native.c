@@ -449,6 +449,20 @@ int vf_correlate(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
     return failed ? -1 : 0;
 }
 
+/* 1 when no element of x is NaN or infinite (exponent bits all ones), without a mask array. */
+int vf_all_finite(const float *x, int64_t n) {
+    const uint32_t *u = (const uint32_t *)x;
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad)
+    for (int64_t b = 0; b < n; b += 65536) {
+        int64_t e = b + 65536 < n ? b + 65536 : n;
+        uint32_t any = 0;
+        for (int64_t i = b; i < e; i++) any |= (uint32_t)((u[i] & 0x7f800000u) == 0x7f800000u);
+        bad += any;
+    }
+    return bad == 0;
+}
+
 /* out = a x + b y */
 void vf_axpby(const float *x, const float *y, float *out, int64_t n, float a, float b) {
 #pragma omp parallel for schedule(static)

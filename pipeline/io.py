@@ -410,6 +410,13 @@ def same_file(a, b) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+# The rename alone keeps a killed job from leaving a partial output; surviving a power cut or a
+# node crash as well needs the data on disk before the rename (fsync), which measured 0.11 s per
+# 50 MB .nii.gz on the 2-core test VM (a third of the write). Snakemake reruns the jobs of a crashed
+# run anyway, so fsync is opt-in: VOLFILTER_FSYNC=1.
+FSYNC = os.environ.get("VOLFILTER_FSYNC", "") not in ("", "0")
+
+
 class AtomicFile:
     """A temporary file beside ``path`` that becomes ``path`` on :meth:`commit` and vanishes on :meth:`abort`.
 
@@ -433,7 +440,8 @@ class AtomicFile:
     def commit(self):
         try:
             self.fh.flush()
-            os.fsync(self.fh.fileno())
+            if FSYNC:
+                os.fsync(self.fh.fileno())
             self.fh.close()
             os.chmod(self.tmp, 0o644)
             os.replace(self.tmp, self.path)

@@ -45,6 +45,8 @@ for _name, _args in {
     getattr(_lib, _name).restype = ctypes.c_int
 _lib.vf_axpby.argtypes = [_F, _F, _F, _I, ctypes.c_float, ctypes.c_float]
 _lib.vf_axpby.restype = None
+_lib.vf_all_finite.argtypes = [_F, _I]
+_lib.vf_all_finite.restype = ctypes.c_int
 _lib.vf_set_threads.argtypes = [ctypes.c_int]
 _lib.vf_force_portable.argtypes = [ctypes.c_int]
 _lib.vf_force_portable.restype = None
@@ -149,6 +151,12 @@ def correlate(x, kernel, mode="reflect"):
     out = np.empty(v.shape, np.float32)
     _check(_lib.vf_correlate(_p(v), _p(out), *v.shape, _p(k), *k.shape, MODE_CODES[mode]))
     return _finish(out, t)
+
+
+def all_finite(x) -> bool:
+    """True when the float32 array ``x`` (C or Fortran contiguous) holds no NaN or infinity."""
+    v, _, _ = _view(x, (0, 0, 0))
+    return bool(_lib.vf_all_finite(_p(v), v.size))
 
 
 def axpby(x, y, a, b):

@@ -89,3 +89,17 @@ def test_portable_code_gives_the_same_bits_as_the_vector_code(mode, rng):
     finally:
         fast.force_portable(False)
     assert np.array_equal(vector, portable)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_all_finite_equals_numpy(bad, order, rng):
+    x = np.asarray(rng.normal(size=(33, 70, 41)).astype(np.float32), order=order)
+    x[5, 7, 9] = 3.4e38  # large but finite
+    if bad is not None:
+        x[32, 69, 40] = bad  # the very last element, in the last block
+    assert fast.all_finite(x) == bool(np.isfinite(x).all())
+    if bad is not None:
+        x[32, 69, 40] = 0
+        x[0, 0, 0] = bad
+        assert not fast.all_finite(x)

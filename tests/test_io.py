@@ -305,3 +305,19 @@ def test_series_is_streamed_volume_by_volume(tmp_path, rng):
     small, large = peak_for(20), peak_for(160)  # 5.6 MB vs 45 MB of float32 data
     assert large < small + 8 * 2**20, f"{small / 2**20:.1f} MB for 20 volumes, {large / 2**20:.1f} MB for 160"
     assert nib.load(tmp_path / "b.nii.gz").shape == (48, 48, 32, 160)
+
+
+def test_fsync_is_opt_in(tmp_path, monkeypatch):
+    """VOLFILTER_FSYNC=1 (io.FSYNC) forces each output to disk before the rename; off by default."""
+    import pipeline.io as vio
+
+    calls = []
+    monkeypatch.setattr(vio.os, "fsync", lambda fd: calls.append(fd))
+    img = vio.derived_image(np.ones((4, 5, 6), np.float32), nib.Nifti1Image(np.zeros((4, 5, 6)), np.eye(4)))
+    monkeypatch.setattr(vio, "FSYNC", False)
+    vio.save(img, tmp_path / "a.nii.gz")
+    assert calls == []
+    monkeypatch.setattr(vio, "FSYNC", True)
+    vio.save(img, tmp_path / "b.nii.gz")
+    assert len(calls) == 1
+    assert np.array_equal(nib.load(tmp_path / "b.nii.gz").get_fdata(), np.ones((4, 5, 6)))
