@@ -144,14 +144,11 @@ for name, d in (("g", g), ("e", e), ("s", sh)):
 FILTERS_JSON = '{"g": {"kind": "gaussian", "fwhm_mm": 6}, "e": {"kind": "sobel"}, "s": {"kind": "sharpen"}}'
 
 
-def run_ms(cmd, repeat=2):
+def run_ms(cmd):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, capture_output=True)
-        times.append((time.perf_counter() - t) * 1e3)
-    return min(times)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    return (time.perf_counter() - t) * 1e3
 
 
 def end_to_end(inputs, tmp, label, backend="cpu", n_batch=8):
@@ -159,22 +156,35 @@ def end_to_end(inputs, tmp, label, backend="cpu", n_batch=8):
     base_script = os.path.join(tmp, "baseline.py")
     with open(base_script, "w") as fh:
         fh.write(BASELINE_SCRIPT)
-    out = os.path.join(tmp, "e2e")
-    os.makedirs(out, exist_ok=True)
+    runs = iter(range(10**6))
+
+    def fresh_dir():  # every run writes new files, as a workflow job does (no cost of replacing old ones)
+        d = os.path.join(tmp, "e2e", str(next(runs)))
+        os.makedirs(d)
+        return d
+
+    def base(src):
+        return [sys.executable, base_script, src, fresh_dir()]
 
     def ours(src):
+        out = fresh_dir()
         return [sys.executable, "-m", "pipeline", "batch", src, "--filters-json", FILTERS_JSON, "--backend", backend,
                 "--no-sidecar"] + [f"--output={n}={out}/o{n}.nii.gz" for n in "ges"]  # fmt: skip
 
+    def interleaved(src, n):
+        """Baseline and ours alternately, so that both meet the same phases of a shared machine."""
+        b, o = [], []
+        for _ in range(n):
+            b.append(run_ms(base(src)))
+            o.append(run_ms(ours(src)))
+        return b, o
+
     for src in inputs:
-        name = os.path.basename(src)
-        base = run_ms([sys.executable, base_script, src, out])
-        mine = run_ms(ours(src))
-        row(f"one volume: {name} [{backend}]", base, mine)
-    src = inputs[0]
-    base = sum(run_ms([sys.executable, base_script, src, out], repeat=1) for _ in range(n_batch))
-    mine = sum(run_ms(ours(src), repeat=1) for _ in range(n_batch))
-    row(f"{n_batch} volumes, one process each [{backend}]", base, mine)
+        b, o = interleaved(src, 2)
+        row(f"one volume: {os.path.basename(src)} [{backend}]", min(b), min(o))
+    b, o = interleaved(inputs[0], n_batch)
+    row(f"{n_batch} volumes, one process each [{backend}]", sum(b), sum(o))
+    shutil.rmtree(os.path.join(tmp, "e2e"), ignore_errors=True)
 
 
 def gpu_cases(x, tmp):
@@ -227,8 +237,8 @@ def gpu_cases(x, tmp):
              "apply_filter(x, (1, 1, 1), 'sharpen'); cupy.cuda.Device().synchronize()")  # fmt: skip
     empty_cache = tempfile.mkdtemp(prefix="cupy-cache-")
     os.environ["CUPY_CACHE_DIR"] = empty_cache
-    cold = run_ms([sys.executable, "-c", first], repeat=1)
-    warm = run_ms([sys.executable, "-c", first], repeat=1)
+    cold = run_ms([sys.executable, "-c", first])
+    warm = run_ms([sys.executable, "-c", first])
     del os.environ["CUPY_CACHE_DIR"]
     row("fresh process, 3 GPU filters: cold vs warm kernel cache", cold, warm, note="(CuPy's on-disk cache)")
 

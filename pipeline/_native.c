@@ -295,7 +295,8 @@ static void pass_cols(float *out, int64_t ostride, const float *const *rows, int
  * apart do not fall on the same L1 sets. */
 static int64_t buffer_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
-static float *alloc64(int64_t n) { return aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64)); }
+/* n floats on a cache-line boundary (at least one line, so that n = 0 is not a failure). */
+static float *alloc64(int64_t n) { return aligned_alloc(64, (size_t)(n > 16 ? (n * 4 + 63) / 64 * 64 : 64)); }
 
 /* Separable correlation with one odd 1-D kernel per axis, in two sweeps over memory. First, per
  * plane: along the rows (i) into a plane buffer, then along the columns (j) into `out`; a 256x256
