@@ -16,7 +16,8 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* -DVF_BASELINE_ONLY builds plain x86-64 code only (no AVX2 clones): what a CPU without AVX2 runs. The tests compare its bits with the normal build's. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(VF_BASELINE_ONLY)
 #define CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define CLONES
@@ -163,115 +164,39 @@ static void tap_table(const float **rows, const float *base, int64_t stride, int
     }
 }
 
-/* Symmetric kernels (Gaussian, box) take this path: with R the taps of one output centred on it
- * (R[s] is the row s away, s = -r..r),  out = w[r] R[0] + sum over d = 1..r of w[r+d] (R[-d] + R[d]),
- * accumulated by fused multiply-adds in this order. The AVX2+FMA code and the portable code (fmaf,
- * correctly rounded on every platform) do exactly these operations, so both give the same bits. */
-static inline float sym_one(const float *const *R, int64_t e, const float *w, int64_t r) {
-    float a = w[r] * R[0][e];
-    for (int64_t d = 1; d <= r; d++) a = fmaf(w[r + d], R[-d][e] + R[d][e], a);
-    return a;
-}
-
-static void sym_row_portable(float *out, const float *const *R, int64_t e0, int64_t e1, const float *w, int64_t r) {
-    for (int64_t e = e0; e < e1; e++) out[e] = sym_one(R, e, w, r);
-}
-
-/* Along the slow axis of n rows: output row j (ostride apart) from the taps rows + j + r. */
-static void sym_cols_portable(float *out, int64_t ostride, const float *const *rows, int64_t n, int64_t width,
-                              const float *w, int64_t r) {
-    for (int64_t j = 0; j < n; j++) sym_row_portable(out + j * ostride, rows + j + r, 0, width, w, r);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define V3 __attribute__((target("avx2,fma")))
-#define LD(p) _mm256_loadu_ps(p)
-
-/* One output row, 32 then 8 outputs at a time, the accumulators in registers across taps. */
-V3 static void sym_row_v3(float *out, const float *const *R, int64_t e0, int64_t e1, const float *w, int64_t r) {
-    const __m256 wr = _mm256_set1_ps(w[r]);
-    int64_t e = e0;
-    for (; e + 32 <= e1; e += 32) {
-        const float *c = R[0] + e;
-        __m256 a0 = _mm256_mul_ps(wr, LD(c)), a1 = _mm256_mul_ps(wr, LD(c + 8));
-        __m256 a2 = _mm256_mul_ps(wr, LD(c + 16)), a3 = _mm256_mul_ps(wr, LD(c + 24));
-        for (int64_t d = 1; d <= r; d++) {
-            const float *p = R[-d] + e, *q = R[d] + e;
-            const __m256 wd = _mm256_set1_ps(w[r + d]);
-            a0 = _mm256_fmadd_ps(wd, _mm256_add_ps(LD(p), LD(q)), a0);
-            a1 = _mm256_fmadd_ps(wd, _mm256_add_ps(LD(p + 8), LD(q + 8)), a1);
-            a2 = _mm256_fmadd_ps(wd, _mm256_add_ps(LD(p + 16), LD(q + 16)), a2);
-            a3 = _mm256_fmadd_ps(wd, _mm256_add_ps(LD(p + 24), LD(q + 24)), a3);
-        }
-        _mm256_storeu_ps(out + e, a0); _mm256_storeu_ps(out + e + 8, a1);
-        _mm256_storeu_ps(out + e + 16, a2); _mm256_storeu_ps(out + e + 24, a3);
-    }
-    for (; e + 8 <= e1; e += 8) {
-        __m256 a0 = _mm256_mul_ps(wr, LD(R[0] + e));
-        for (int64_t d = 1; d <= r; d++)
-            a0 = _mm256_fmadd_ps(_mm256_set1_ps(w[r + d]), _mm256_add_ps(LD(R[-d] + e), LD(R[d] + e)), a0);
-        _mm256_storeu_ps(out + e, a0);
-    }
-    for (; e < e1; e++) out[e] = sym_one(R, e, w, r);
-}
-
-/* Along the slow axis: 16 columns of two neighbouring output rows at a time. Rows j and j+1 share
- * their taps, so each step d loads two new rows (j-d, j+1+d) and reuses two from the step before:
- * two loads, two additions and two fused multiply-adds per 16 outputs and tap pair. Going down all
- * rows of one 16-column block keeps the 2r+2 rows it needs in L1. */
-V3 static void sym_cols_v3(float *out, int64_t ostride, const float *const *rows, int64_t n, int64_t width,
-                           const float *w, int64_t r) {
-    const __m256 wr = _mm256_set1_ps(w[r]);
+/* Along the slow axis, symmetric kernels: 16 columns of two neighbouring output rows at a time
+ * (rows + j + r holds the taps of output row j, centred). Rows j and j+1 share their taps, so each
+ * step d loads two new rows (j-d, j+1+d) and reuses two from the step before: two loads, two
+ * additions, two multiplications and two accumulations per 16 outputs and tap pair. Going down all
+ * rows of one 16-column block keeps the 2r+2 rows it needs in L1. The arithmetic per element is
+ * wsum's (w[r] x0, then + w[r+d] (x-d + x+d) for d = 1..r), so leftovers go through wsum. */
+CLONES static void sym_cols(float *out, int64_t ostride, const float *const *rows, int64_t n, int64_t width,
+                            const float *w, int64_t r) {
+    const float wr = w[r];
     int64_t eb = width / 16 * 16;
     for (int64_t e = 0; e < eb; e += 16) {
         int64_t j = 0;
         for (; j + 2 <= n; j += 2) {
             const float *const *R = rows + j + r;
-            __m256 la = LD(R[0] + e), lb = LD(R[0] + e + 8), ra = LD(R[1] + e), rb = LD(R[1] + e + 8);
-            __m256 s0a = _mm256_mul_ps(wr, la), s0b = _mm256_mul_ps(wr, lb);
-            __m256 s1a = _mm256_mul_ps(wr, ra), s1b = _mm256_mul_ps(wr, rb);
+            v8 la = ld8(R[0] + e), lb = ld8(R[0] + e + 8), ra = ld8(R[1] + e), rb = ld8(R[1] + e + 8);
+            v8 s0a = wr * la, s0b = wr * lb, s1a = wr * ra, s1b = wr * rb;
             for (int64_t d = 1; d <= r; d++) {  /* here la/lb = row j+1-d, ra/rb = row j+d */
-                const __m256 wd = _mm256_set1_ps(w[r + d]);
-                const __m256 na = LD(R[-d] + e), nb = LD(R[-d] + e + 8);
-                const __m256 ma = LD(R[1 + d] + e), mb = LD(R[1 + d] + e + 8);
-                s0a = _mm256_fmadd_ps(wd, _mm256_add_ps(na, ra), s0a);
-                s0b = _mm256_fmadd_ps(wd, _mm256_add_ps(nb, rb), s0b);
-                s1a = _mm256_fmadd_ps(wd, _mm256_add_ps(la, ma), s1a);
-                s1b = _mm256_fmadd_ps(wd, _mm256_add_ps(lb, mb), s1b);
+                const float wd = w[r + d];
+                const v8 na = ld8(R[-d] + e), nb = ld8(R[-d] + e + 8);
+                const v8 ma = ld8(R[1 + d] + e), mb = ld8(R[1 + d] + e + 8);
+                s0a += wd * (na + ra);
+                s0b += wd * (nb + rb);
+                s1a += wd * (la + ma);
+                s1b += wd * (lb + mb);
                 la = na; lb = nb; ra = ma; rb = mb;
             }
             float *o = out + j * ostride + e;
-            _mm256_storeu_ps(o, s0a); _mm256_storeu_ps(o + 8, s0b);
-            _mm256_storeu_ps(o + ostride, s1a); _mm256_storeu_ps(o + ostride + 8, s1b);
+            st8(o, s0a); st8(o + 8, s0b); st8(o + ostride, s1a); st8(o + ostride + 8, s1b);
         }
-        if (j < n) sym_row_v3(out + j * ostride, rows + j + r, e, e + 16, w, r);
+        if (j < n) wsum(out + j * ostride, rows + j, w, 2 * r + 1, 1, e, e + 16);
     }
     if (eb < width)
-        for (int64_t j = 0; j < n; j++) sym_row_v3(out + j * ostride, rows + j + r, eb, width, w, r);
-}
-#undef LD
-
-static int force_portable = 0;
-static int has_v3(void) { return !force_portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-#else
-static int force_portable = 0;
-static int has_v3(void) { return 0; }
-#define sym_row_v3 sym_row_portable
-#define sym_cols_v3 sym_cols_portable
-#endif
-
-/* Tests: 1 makes the symmetric separable kernels take the portable code, as on a CPU without AVX2+FMA. */
-void vf_force_portable(int on) { force_portable = on; }
-
-/* 1 when the symmetric separable kernels run vectorised with hardware FMA: x86-64 with AVX2+FMA,
- * or a platform whose fmaf is a single instruction (AArch64 and others define FP_FAST_FMAF). */
-int vf_fast_separable(void) {
-#ifdef FP_FAST_FMAF
-    return 1;
-#else
-    return force_portable ? 0 : has_v3();
-#endif
+        for (int64_t j = 0; j < n; j++) wsum(out + j * ostride, rows + j, w, 2 * r + 1, 1, eb, width);
 }
 
 /* One pass along the slow axis of a stack of rows: output row j (ostride apart) from rows + j, where
@@ -279,10 +204,9 @@ int vf_fast_separable(void) {
  * a strip needs stay in L1). */
 #define STRIP 128
 static void pass_cols(float *out, int64_t ostride, const float *const *rows, int64_t n, int64_t width,
-                      const float *w, int64_t T, int sym, int v3) {
+                      const float *w, int64_t T, int sym) {
     if (sym) {
-        if (v3) sym_cols_v3(out, ostride, rows, n, width, w, (T - 1) / 2);
-        else sym_cols_portable(out, ostride, rows, n, width, w, (T - 1) / 2);
+        sym_cols(out, ostride, rows, n, width, w, (T - 1) / 2);
         return;
     }
     for (int64_t e0 = 0; e0 < width; e0 += STRIP) {
@@ -304,7 +228,7 @@ static float *alloc64(int64_t n) { return aligned_alloc(64, (size_t)(n > 16 ? (n
  * through all planes is copied to a thread buffer (~1 MB) that serves all taps. */
 int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                  const float *wk, int64_t Tk, const float *wj, int64_t Tj, const float *wi, int64_t Ti, int mode) {
-    int failed = 0, v3 = has_v3();
+    int failed = 0;
     int64_t plane = ny * nx, ri = (Ti - 1) / 2, rj = (Tj - 1) / 2, rk = (Tk - 1) / 2;
     int sk = is_symmetric(wk, Tk), sj = is_symmetric(wj, Tj), si = is_symmetric(wi, Ti);
     int64_t cw = (262144 / (nz > 0 ? nz : 1)) / 32 * 32;
@@ -328,17 +252,15 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                 const float *xk = x + k * plane;
                 for (int64_t j = 0; j < ny; j++) {
                     pad_row(xk + j * nx, pad, nx, ri, mode);
-                    if (!si) wsum(buf + j * bs, src, wi, Ti, 0, 0, nx);
-                    else if (v3) sym_row_v3(buf + j * bs, src + ri, 0, nx, wi, ri);
-                    else sym_row_portable(buf + j * bs, src + ri, 0, nx, wi, ri);
+                    wsum(buf + j * bs, src, wi, Ti, si, 0, nx);
                 }
-                pass_cols(out + k * plane, nx, jrows, ny, nx, wj, Tj, sj, v3);
+                pass_cols(out + k * plane, nx, jrows, ny, nx, wj, Tj, sj);
             }
 #pragma omp for schedule(static)
             for (int64_t c = 0; c < n_chunks; c++) {
                 int64_t c0 = c * cw, n = plane - c0 < cw ? plane - c0 : cw;
                 for (int64_t k = 0; k < nz; k++) memcpy(col + k * cs, out + k * plane + c0, (size_t)n * sizeof(float));
-                pass_cols(out + c0, plane, krows, nz, n, wk, Tk, sk, v3);
+                pass_cols(out + c0, plane, krows, nz, n, wk, Tk, sk);
             }
         }
         free(buf); free(pad); free(col); free(zero); free(src); free(jrows); free(krows);

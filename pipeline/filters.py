@@ -84,7 +84,7 @@ def box(x, voxel_mm, *, size_mm=None, size_vox=None, mode="reflect"):
     """Mean over an odd block of voxels (``size_mm`` or ``size_vox``, default 3 voxels)."""
     xp, ndi = namespace(x)
     size = box_size_vox(voxel_mm, size_mm=size_mm, size_vox=size_vox)
-    if (fast := fast_cpu(x)) and fast.fast_separable():
+    if fast := fast_cpu(x):
         return fast.box(x, size, mode)
     return ndi.uniform_filter(x, size=size, mode=mode, output=xp.float32)
 
@@ -93,7 +93,7 @@ def gaussian(x, voxel_mm, *, fwhm_mm=None, sigma_mm=None, mode="reflect"):
     """Isotropic Gaussian in mm (``fwhm_mm`` or ``sigma_mm``), truncated at 4 sigma."""
     xp, ndi = namespace(x)
     sigma = sigma_vox(voxel_mm, fwhm_mm=fwhm_mm, sigma_mm=sigma_mm)
-    if (fast := fast_cpu(x)) and fast.fast_separable():
+    if fast := fast_cpu(x):
         return fast.gaussian(x, sigma, mode, truncate=4.0)
     return ndi.gaussian_filter(x, sigma=sigma, mode=mode, output=xp.float32, truncate=4.0)
 

@@ -3,14 +3,13 @@
 scipy.ndimage runs each 1-D pass single-threaded, in float64, with a full
 volume of temporaries per pass. These kernels work plane by plane (a 256×256
 float32 plane fits in L2), fuse the passes that can share a plane, accumulate
-in float32, keep the accumulators in registers across taps and split the work
-over threads. Gaussian and box (symmetric kernels) add mirrored taps before
-one fused multiply-add, in a fixed order: the AVX2+FMA code and the portable
-code (a correctly rounded ``fmaf``) give the same bits. Everything else is
-compiled without FMA contraction (``-ffp-contract=off``). Each output voxel is
-computed by one thread in a fixed order, so results are identical whatever the
-thread count or CPU. They agree with scipy.ndimage to ~1e-6 relative (tests
-compare every filter, mode and order).
+in float32, keep the accumulators in registers across taps (Gaussian and box
+add mirrored taps before multiplying) and split the work over threads. Each
+output voxel is computed by one thread in a fixed order, without fused
+multiply-add (``-ffp-contract=off``), so results are identical whatever the
+thread count or CPU: the tests compare the installed build with one made for
+plain x86-64 (no AVX2) bit for bit. They agree with scipy.ndimage to ~1e-6
+relative (tests compare every filter, mode and order).
 
 The library is compiled when the package is installed (a C compiler with
 OpenMP is needed; without one the package falls back to scipy.ndimage), so a
@@ -23,15 +22,20 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 
 import numpy as np
 
 MODE_CODES = {"reflect": 0, "mirror": 1, "nearest": 2, "wrap": 3, "constant": 4}
 
-_spec = importlib.util.find_spec("pipeline._native")
-if _spec is None or _spec.origin is None:
-    raise ImportError("pipeline._native is not built")
-_lib = ctypes.CDLL(_spec.origin)
+# VOLFILTER_NATIVE_LIB names another build of the same source (the tests load a baseline-x86-64 one).
+_path = os.environ.get("VOLFILTER_NATIVE_LIB")
+if not _path:
+    _spec = importlib.util.find_spec("pipeline._native")
+    if _spec is None or _spec.origin is None:
+        raise ImportError("pipeline._native is not built")
+    _path = _spec.origin
+_lib = ctypes.CDLL(_path)
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.c_int64
@@ -48,9 +52,6 @@ _lib.vf_axpby.restype = None
 _lib.vf_all_finite.argtypes = [_F, _I]
 _lib.vf_all_finite.restype = ctypes.c_int
 _lib.vf_set_threads.argtypes = [ctypes.c_int]
-_lib.vf_force_portable.argtypes = [ctypes.c_int]
-_lib.vf_force_portable.restype = None
-_lib.vf_fast_separable.restype = ctypes.c_int
 _lib.vf_max_threads.restype = ctypes.c_int
 _ALL_THREADS = _lib.vf_max_threads()
 
@@ -59,20 +60,6 @@ def set_threads(n: int | None) -> int:
     """Use ``n`` threads (None: all cores); returns the count in force."""
     _lib.vf_set_threads(_ALL_THREADS if n is None else max(1, int(n)))
     return _lib.vf_max_threads()
-
-
-def fast_separable() -> bool:
-    """True when Gaussian and box run vectorised with hardware FMA (x86-64 AVX2+FMA, AArch64...).
-
-    Elsewhere the compiled code still gives the same bits, through a slow software ``fmaf``, so the
-    filters then use scipy.ndimage instead.
-    """
-    return bool(_lib.vf_fast_separable())
-
-
-def force_portable(on: bool) -> None:
-    """Tests: run the symmetric separable kernels as on a CPU without AVX2+FMA."""
-    _lib.vf_force_portable(int(bool(on)))
 
 
 def _p(a: np.ndarray):
