@@ -48,6 +48,19 @@ def best_ms(fn, repeat=3):
     return min(times)
 
 
+def paired_ms(base, ours, repeat=5):
+    """Best of ``repeat`` for each side, run alternately so both meet the same phases of a shared machine."""
+    base()
+    ours()
+    b, o = [], []
+    for _ in range(repeat):
+        for fn, times in ((base, b), (ours, o)):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return min(b), min(o)
+
+
 def peak_mb(fn):
     tracemalloc.start()
     tracemalloc.reset_peak()
@@ -96,8 +109,7 @@ def cpu_kernels(x):
         ("box 3 vox", lambda: ndi.uniform_filter(x, 3), lambda: apply_filter(x, vox, "box")),
     ]
     for name, base, ours in cases:
-        # Best of several: the shared VMs this runs on have slow phases lasting seconds.
-        row(name, best_ms(base, repeat=5), best_ms(ours, repeat=5), peak_mb(ours))
+        row(name, *paired_ms(base, ours), peak_mb(ours))
 
 
 def gzip_io(x, tmp):
@@ -105,16 +117,14 @@ def gzip_io(x, tmp):
     img = nib.Nifti1Image(np.asfortranarray(x), np.eye(4))
     ref = os.path.join(tmp, "ref.nii.gz")
     ours_path = os.path.join(tmp, "ours.nii.gz")
-    base_w = best_ms(lambda: nib.save(img, ref), repeat=5)
-    ours_w = best_ms(lambda: vio.save(vio.derived_image(x, img), ours_path), repeat=5)
+    base_w, ours_w = paired_ms(lambda: nib.save(img, ref), lambda: vio.save(vio.derived_image(x, img), ours_path))
     row(
         "write .nii.gz (nibabel default zlib-1)",
         base_w,
         ours_w,
         note=f"{os.path.getsize(ref) >> 20} vs {os.path.getsize(ours_path) >> 20} MB",
     )
-    base_r = best_ms(lambda: nib.load(ref).get_fdata(dtype=np.float32), repeat=5)
-    ours_r = best_ms(lambda: vio.load(ref).data, repeat=5)
+    base_r, ours_r = paired_ms(lambda: nib.load(ref).get_fdata(dtype=np.float32), lambda: vio.load(ref).data)
     row("read .nii.gz", base_r, ours_r)
     same = np.array_equal(nib.load(ours_path).get_fdata(dtype=np.float32), x)
     print(
