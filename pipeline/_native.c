@@ -4,6 +4,10 @@
  * scipy.ndimage: 0 reflect, 1 mirror, 2 nearest, 3 wrap, 4 constant (zero). Every output voxel is
  * computed by one thread in a fixed order, and the build forbids fused multiply-add contraction
  * (-ffp-contract=off), so the bits do not depend on the thread count or the CPU's vector width.
+ * Work is handed out dynamically (two planes or chunks at a time): which thread computes a voxel
+ * does not change its bits, and a core that is busy elsewhere (another job, a noisy neighbour on a
+ * VM) does not hold the others up: 256^3 Gaussian, 2 threads, one core busy: 59-63 ms static,
+ * 39-50 ms dynamic.
  * Hot loops are compiled twice (AVX2 and baseline x86-64) and chosen at load time.
  */
 #define PY_SSIZE_T_CLEAN
@@ -247,7 +251,7 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
             for (int64_t t = 0; t < Ti; t++) src[t] = pad + t;
             tap_table(jrows, buf, bs, ny, rj, mode, zero);
             tap_table(krows, col, cs, nz, rk, mode, zero);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
             for (int64_t k = 0; k < nz; k++) {
                 const float *xk = x + k * plane;
                 for (int64_t j = 0; j < ny; j++) {
@@ -256,7 +260,7 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                 }
                 pass_cols(out + k * plane, nx, jrows, ny, nx, wj, Tj, sj);
             }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
             for (int64_t c = 0; c < n_chunks; c++) {
                 int64_t c0 = c * cw, n = plane - c0 < cw ? plane - c0 : cw;
                 for (int64_t k = 0; k < nz; k++) memcpy(col + k * cs, out + k * plane + c0, (size_t)n * sizeof(float));
@@ -281,7 +285,7 @@ int vf_gradient(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
         float *gj = malloc((size_t)plane * sizeof(float)), *gi = malloc((size_t)plane * sizeof(float));
         float *pad = malloc((size_t)(nx + 3) * sizeof(float));
         if (all_allocated(P && Q && t1 && gk && gj && gi && pad, &failed))
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
         for (int64_t k = 0; k < nz; k++) {
             int64_t km = map_index(k - 1, nz, mode), kp = map_index(k + 1, nz, mode);
             const float *c = x + k * plane;
@@ -317,7 +321,7 @@ int vf_sharpen(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx, f
     {
         float *pad = malloc((size_t)(nx + 2) * sizeof(float));
         if (all_allocated(pad != NULL, &failed))
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
         for (int64_t k = 0; k < nz; k++) {
             int64_t km = map_index(k - 1, nz, mode), kp = map_index(k + 1, nz, mode);
             for (int64_t j = 0; j < ny; j++) {
@@ -347,7 +351,7 @@ int vf_correlate(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
     {
         float *pad = malloc((size_t)(nx + 2 * ri) * sizeof(float));
         if (all_allocated(pad != NULL, &failed))
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
         for (int64_t k = 0; k < nz; k++) {
             for (int64_t j = 0; j < ny; j++) {
                 float *o = out + (k * ny + j) * nx;
@@ -376,7 +380,7 @@ int vf_correlate(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
 int vf_all_finite(const float *x, int64_t n) {
     const uint32_t *u = (const uint32_t *)x;
     int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad)
+#pragma omp parallel for schedule(dynamic, 16) reduction(+ : bad)
     for (int64_t b = 0; b < n; b += 65536) {
         int64_t e = b + 65536 < n ? b + 65536 : n;
         uint32_t any = 0;
@@ -388,7 +392,7 @@ int vf_all_finite(const float *x, int64_t n) {
 
 /* out = a x + b y */
 void vf_axpby(const float *x, const float *y, float *out, int64_t n, float a, float b) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 65536)
     for (int64_t i = 0; i < n; i++) out[i] = a * x[i] + b * y[i];
 }
 
