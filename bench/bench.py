@@ -278,7 +278,12 @@ def main():
             from pipeline.example import nibabel_data_file
 
             real = str(nibabel_data_file("example4d.nii.gz"))
-            end_to_end([synth, real], tmp, f"synthetic {n}^3 and nibabel example4d", n_batch=args.batch)
+            bold = os.path.join(tmp, "bold64x64x40x200.nii.gz")  # an fMRI run: int16, 3 mm, 200 volumes
+            series = ndi.gaussian_filter(rng.normal(size=(64, 64, 40)).astype(np.float32), 2)[..., None] * 300 + 1000
+            series = series + rng.normal(scale=10, size=(64, 64, 40, 200)).astype(np.float32)
+            nib.save(nib.Nifti1Image(series.astype(np.int16), np.diag([3, 3, 3.5, 1])), bold)
+            label = f"synthetic {n}^3, a synthetic 200-volume EPI series and nibabel's example4d"
+            end_to_end([synth, bold, real], tmp, label, n_batch=args.batch)
             if args.gpu:
                 end_to_end([synth], tmp, "GPU backend", backend="gpu", n_batch=args.batch)
         if args.gpu:

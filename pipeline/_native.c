@@ -27,6 +27,11 @@
 #define CLONES
 #endif
 
+/* Volumes smaller than this many voxels (a 64x64x40 EPI volume has 164k) run on the calling thread:
+ * splitting ~1 ms of work costs more than it saves, and a thread team that has to wait for a core
+ * busy with gzip (ISA-L's writer threads run meanwhile) made a 200-volume series 1 s slower. */
+#define PARALLEL_MIN (1 << 20)
+
 static inline int64_t map_index(int64_t idx, int64_t n, int mode) {
     if (idx >= 0 && idx < n) return idx;
     if (mode == 4) return -1;
@@ -240,7 +245,7 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
     if (cw > plane) cw = plane;
     int64_t n_chunks = plane > 0 ? (plane + cw - 1) / cw : 0;
     int64_t bs = buffer_stride(nx), cs = buffer_stride(cw), zlen = bs > cs ? bs : cs;
-#pragma omp parallel
+#pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
     {
         float *buf = alloc64(ny * bs), *pad = alloc64(nx + 2 * ri), *col = alloc64(nz * cs), *zero = alloc64(zlen);
         const float **src = malloc((size_t)Ti * sizeof(float *));
@@ -278,7 +283,7 @@ int vf_gradient(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
     int failed = 0;
     int64_t plane = ny * nx;
     const float d[3] = {-1.0f, 0.0f, 1.0f};
-#pragma omp parallel
+#pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
     {
         float *P = malloc((size_t)plane * sizeof(float)), *Q = malloc((size_t)plane * sizeof(float));
         float *t1 = malloc((size_t)plane * sizeof(float)), *gk = malloc((size_t)plane * sizeof(float));
@@ -317,7 +322,7 @@ int vf_gradient(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
 int vf_sharpen(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx, float amount, int mode) {
     int failed = 0;
     const float centre = 1.0f + 6.0f * amount, a = amount;
-#pragma omp parallel
+#pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
     {
         float *pad = malloc((size_t)(nx + 2) * sizeof(float));
         if (all_allocated(pad != NULL, &failed))
@@ -347,7 +352,7 @@ int vf_correlate(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                  const float *w, int64_t kz, int64_t ky, int64_t kx, int mode) {
     int failed = 0;
     int64_t rk = kz / 2, rj = ky / 2, ri = kx / 2;
-#pragma omp parallel
+#pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
     {
         float *pad = malloc((size_t)(nx + 2 * ri) * sizeof(float));
         if (all_allocated(pad != NULL, &failed))
@@ -380,7 +385,7 @@ int vf_correlate(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
 int vf_all_finite(const float *x, int64_t n) {
     const uint32_t *u = (const uint32_t *)x;
     int64_t bad = 0;
-#pragma omp parallel for schedule(dynamic, 16) reduction(+ : bad)
+#pragma omp parallel for schedule(dynamic, 16) reduction(+ : bad) if (n >= 4 * PARALLEL_MIN)
     for (int64_t b = 0; b < n; b += 65536) {
         int64_t e = b + 65536 < n ? b + 65536 : n;
         uint32_t any = 0;
@@ -392,7 +397,7 @@ int vf_all_finite(const float *x, int64_t n) {
 
 /* out = a x + b y */
 void vf_axpby(const float *x, const float *y, float *out, int64_t n, float a, float b) {
-#pragma omp parallel for schedule(dynamic, 65536)
+#pragma omp parallel for schedule(dynamic, 65536) if (n >= PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) out[i] = a * x[i] + b * y[i];
 }
 
