@@ -412,8 +412,8 @@ def same_file(a, b) -> bool:
 
 # The rename alone keeps a killed job from leaving a partial output; surviving a power cut or a
 # node crash as well needs the data on disk before the rename (fsync), which measured 0.11 s per
-# 50 MB .nii.gz on the 2-core test VM (a third of the write). Snakemake reruns the jobs of a crashed
-# run anyway, so fsync is opt-in: VOLFILTER_FSYNC=1.
+# 50 MB .nii.gz on the 2-core test VM (a third of the write). nibabel does not fsync either, and
+# Snakemake reruns the jobs of a crashed run, so fsync is opt-in: VOLFILTER_FSYNC=1.
 FSYNC = os.environ.get("VOLFILTER_FSYNC", "") not in ("", "0")
 
 
