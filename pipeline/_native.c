@@ -56,30 +56,6 @@ CLONES static void axpy(float *restrict out, const float *restrict s, float w, i
     for (int64_t i = 0; i < n; i++) out[i] += w * s[i];
 }
 
-/* dst[j, :] = sum_t w[t] * pad(src[j, :])[i + t] : correlation along the contiguous axis of a plane */
-static void corr_rows(const float *src, float *dst, int64_t ny, int64_t nx, const float *w, int64_t T, int mode, float *pad) {
-    int64_t r = (T - 1) / 2;
-    for (int64_t j = 0; j < ny; j++) {
-        float *o = dst + j * nx;
-        pad_row(src + j * nx, pad, nx, r, mode);
-        memset(o, 0, (size_t)nx * sizeof(float));
-        for (int64_t t = 0; t < T; t++) axpy(o, pad + t, w[t], nx);
-    }
-}
-
-/* dst[j, :] = sum_t w[t] * src[map(j + t - r), :] : correlation along the first axis of a plane */
-static void corr_cols(const float *src, float *dst, int64_t ny, int64_t nx, const float *w, int64_t T, int mode) {
-    int64_t r = (T - 1) / 2;
-    for (int64_t j = 0; j < ny; j++) {
-        float *o = dst + j * nx;
-        memset(o, 0, (size_t)nx * sizeof(float));
-        for (int64_t t = 0; t < T; t++) {
-            int64_t m = map_index(j + t - r, ny, mode);
-            if (m >= 0) axpy(o, src + m * nx, w[t], nx);
-        }
-    }
-}
-
 /* Inside a parallel region: record whether this thread's buffers were allocated, wait for all
  * threads, and tell every thread the same answer (so all of them take, or skip, the work-sharing loop). */
 static int all_allocated(int ok, int *failed) {
@@ -226,6 +202,17 @@ static void pass_cols(float *out, int64_t ostride, const float *const *rows, int
     }
 }
 
+/* One pass along the rows (the contiguous axis) of n rows of width nx, src rows nx apart, dst rows
+ * dstride apart; pad (nx + T - 1 floats) and taps (T pointers) are the calling thread's scratch. */
+static void pass_rows(float *dst, int64_t dstride, const float *src, int64_t n, int64_t nx, const float *w,
+                      int64_t T, int sym, int mode, float *pad, const float **taps) {
+    for (int64_t t = 0; t < T; t++) taps[t] = pad + t;
+    for (int64_t j = 0; j < n; j++) {
+        pad_row(src + j * nx, pad, nx, (T - 1) / 2, mode);
+        wsum(dst + j * dstride, taps, w, T, sym ? 2 : 0, 0, nx);
+    }
+}
+
 /* Row stride of a thread buffer: a multiple of 16 floats plus 16, so that rows a power of two
  * apart do not fall on the same L1 sets. */
 static int64_t buffer_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
@@ -255,16 +242,11 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
         const float **krows = malloc((size_t)(nz + 2 * rk) * sizeof(float *));
         if (all_allocated(buf && pad && col && zero && src && jrows && krows, &failed)) {
             memset(zero, 0, (size_t)zlen * sizeof(float));
-            for (int64_t t = 0; t < Ti; t++) src[t] = pad + t;
             tap_table(jrows, buf, bs, ny, rj, mode, zero);
             tap_table(krows, col, cs, nz, rk, mode, zero);
 #pragma omp for schedule(dynamic, 2)
             for (int64_t k = 0; k < nz; k++) {
-                const float *xk = x + k * plane;
-                for (int64_t j = 0; j < ny; j++) {
-                    pad_row(xk + j * nx, pad, nx, ri, mode);
-                    wsum(buf + j * bs, src, wi, Ti, si ? 2 : 0, 0, nx);
-                }
+                pass_rows(buf, bs, x + k * plane, ny, nx, wi, Ti, si, mode, pad, src);
                 pass_cols(out + k * plane, nx, jrows, ny, nx, wj, Tj, sj);
             }
 #pragma omp for schedule(dynamic, 2)
@@ -279,43 +261,58 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
     return failed ? -1 : 0;
 }
 
-/* Sobel/Prewitt per plane. which: 0, 1, 2 = derivative along view axis k, j, i; 3 = magnitude. */
+/* Sobel/Prewitt per plane. which: 0, 1, 2 = derivative along view axis k, j, i; 3 = magnitude.
+ * The k pass is done while reading the three planes (P smoothed, Q differenced along k); the in-plane
+ * passes are the separable filter's (pass_rows, pass_cols). */
 int vf_gradient(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                 const float *smooth, const float *scale, int which, int mode) {
     int failed = 0;
     int64_t plane = ny * nx;
     const float d[3] = {-1.0f, 0.0f, 1.0f};
+    const int ss = is_symmetric(smooth, 3);
 #pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
     {
         float *P = malloc((size_t)plane * sizeof(float)), *Q = malloc((size_t)plane * sizeof(float));
         float *t1 = malloc((size_t)plane * sizeof(float)), *gk = malloc((size_t)plane * sizeof(float));
         float *gj = malloc((size_t)plane * sizeof(float)), *gi = malloc((size_t)plane * sizeof(float));
-        float *pad = malloc((size_t)(nx + 3) * sizeof(float));
-        if (all_allocated(P && Q && t1 && gk && gj && gi && pad, &failed))
+        float *pad = malloc((size_t)(nx + 2) * sizeof(float)), *zero = calloc((size_t)nx, sizeof(float));
+        const float **taps = malloc(3 * sizeof(float *)), **rows = malloc((size_t)(ny + 2) * sizeof(float *));
+        if (all_allocated(P && Q && t1 && gk && gj && gi && pad && zero && taps && rows, &failed)) {
+            tap_table(rows, t1, nx, ny, 1, mode, zero);
 #pragma omp for schedule(dynamic, 2)
-        for (int64_t k = 0; k < nz; k++) {
-            int64_t km = map_index(k - 1, nz, mode), kp = map_index(k + 1, nz, mode);
-            const float *c = x + k * plane;
-            const float *a = km >= 0 ? x + km * plane : NULL, *b = kp >= 0 ? x + kp * plane : NULL;
-            for (int64_t n = 0; n < plane; n++) {
-                float av = a ? a[n] : 0.0f, bv = b ? b[n] : 0.0f;
-                P[n] = smooth[0] * av + smooth[1] * c[n] + smooth[2] * bv;
-                Q[n] = bv - av;
-            }
-            if (which == 0 || which == 3) { corr_rows(Q, t1, ny, nx, smooth, 3, mode, pad); corr_cols(t1, gk, ny, nx, smooth, 3, mode); }
-            if (which == 1 || which == 3) { corr_rows(P, t1, ny, nx, smooth, 3, mode, pad); corr_cols(t1, gj, ny, nx, d, 3, mode); }
-            if (which == 2 || which == 3) { corr_rows(P, t1, ny, nx, d, 3, mode, pad); corr_cols(t1, gi, ny, nx, smooth, 3, mode); }
-            float *o = out + k * plane;
-            for (int64_t n = 0; n < plane; n++) {
-                if (which == 3) {
-                    float u = gk[n] * scale[0], v = gj[n] * scale[1], w = gi[n] * scale[2];
-                    o[n] = sqrtf(u * u + v * v + w * w);
-                } else if (which == 0) o[n] = gk[n] * scale[0];
-                else if (which == 1) o[n] = gj[n] * scale[1];
-                else o[n] = gi[n] * scale[2];
+            for (int64_t k = 0; k < nz; k++) {
+                int64_t km = map_index(k - 1, nz, mode), kp = map_index(k + 1, nz, mode);
+                const float *c = x + k * plane;
+                const float *a = km >= 0 ? x + km * plane : NULL, *b = kp >= 0 ? x + kp * plane : NULL;
+                for (int64_t n = 0; n < plane; n++) {
+                    float av = a ? a[n] : 0.0f, bv = b ? b[n] : 0.0f;
+                    P[n] = smooth[0] * av + smooth[1] * c[n] + smooth[2] * bv;
+                    Q[n] = bv - av;
+                }
+                if (which == 0 || which == 3) {
+                    pass_rows(t1, nx, Q, ny, nx, smooth, 3, ss, mode, pad, taps);
+                    pass_cols(gk, nx, rows, ny, nx, smooth, 3, ss);
+                }
+                if (which == 1 || which == 3) {
+                    pass_rows(t1, nx, P, ny, nx, smooth, 3, ss, mode, pad, taps);
+                    pass_cols(gj, nx, rows, ny, nx, d, 3, 0);
+                }
+                if (which == 2 || which == 3) {
+                    pass_rows(t1, nx, P, ny, nx, d, 3, 0, mode, pad, taps);
+                    pass_cols(gi, nx, rows, ny, nx, smooth, 3, ss);
+                }
+                float *o = out + k * plane;
+                for (int64_t n = 0; n < plane; n++) {
+                    if (which == 3) {
+                        float u = gk[n] * scale[0], v = gj[n] * scale[1], w = gi[n] * scale[2];
+                        o[n] = sqrtf(u * u + v * v + w * w);
+                    } else if (which == 0) o[n] = gk[n] * scale[0];
+                    else if (which == 1) o[n] = gj[n] * scale[1];
+                    else o[n] = gi[n] * scale[2];
+                }
             }
         }
-        free(P); free(Q); free(t1); free(gk); free(gj); free(gi); free(pad);
+        free(P); free(Q); free(t1); free(gk); free(gj); free(gi); free(pad); free(zero); free(taps); free(rows);
     }
     return failed ? -1 : 0;
 }
