@@ -154,8 +154,13 @@ for name, d in (("g", g), ("e", e), ("s", sh)):
 FILTERS_JSON = '{"g": {"kind": "gaussian", "fwhm_mm": 6}, "e": {"kind": "sobel"}, "s": {"kind": "sharpen"}}'
 
 
+def child_env():
+    """The environment of a benchmarked child process: this checkout importable first."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+
+
 def run_ms(cmd):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    env = child_env()
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     return (time.perf_counter() - t) * 1e3
@@ -198,7 +203,7 @@ def end_to_end(inputs, tmp, label, backend="cpu", n_batch=8):
         # As the workflow runs them: one thread per job, as many jobs at once as cores (Snakemake -cN);
         # against the same sequential baseline runs (the plain script is single-threaded).
         n_cores = os.cpu_count() or 1
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+        env = child_env()
         t = time.perf_counter()
         for start in range(0, n_batch, n_cores):
             procs = [subprocess.Popen([*ours(inputs[0]), "--threads", "1"], env=env, stdout=subprocess.DEVNULL,
