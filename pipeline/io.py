@@ -487,20 +487,53 @@ def _remove_stale_temporaries(folder: str, prefix: str) -> None:
                     os.unlink(os.path.join(folder, name))
 
 
-class _Positioned(io.RawIOBase):
-    """A write-only stream that knows its position (nibabel asks ``tell()``; ISA-L's threaded writer cannot)."""
+GZIP_THREADS = 0  # 0: one thread per CPU (ISA-L's threaded writer); the bytes do not depend on it
+GZIP_BLOCK = 1 << 20  # ISA-L's threaded writer deflates independent blocks of this size
 
-    def __init__(self, raw):
+
+class _GzipStream(io.RawIOBase):
+    """A deterministic gzip stream on ``fh``: no name, no timestamp, multithreaded with ISA-L.
+
+    ISA-L's threaded writer deflates each piece it is handed on its own (up to 1 MiB, primed with
+    the previous piece's last 32 KiB), so its bytes depend on where the writes were cut. This
+    stream hands it whole 1 MiB blocks only, counted from the start of the file: the gzip bytes
+    are a function of the NIfTI bytes alone, whatever the thread count, however the caller
+    (nibabel, or a volume-by-volume writer) slices its writes. It also knows its position
+    (nibabel asks ``tell()``; the threaded writer cannot).
+    """
+
+    def __init__(self, fh):
         super().__init__()
-        self._raw = raw
         self._pos = 0
+        self._tail = bytearray()
+        if _gzip_threaded is not None:
+            threads = GZIP_THREADS or os.cpu_count() or 1
+            self._gz = _gzip_threaded.open(fh, "wb", compresslevel=GZIP_LEVEL, threads=threads, block_size=GZIP_BLOCK)
+            # Whole blocks go straight to the threaded writer under its 1 MiB buffer (one copy less).
+            self._sink = self._gz.raw
+        else:  # one deflate stream: its bytes never depended on how the writes were cut
+            self._gz = _gzip_impl.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=GZIP_LEVEL, mtime=0)
+            self._sink = self._gz
 
     def writable(self):
         return True
 
     def write(self, b):
-        n = self._raw.write(b)
-        self._pos += n if n is not None else len(b)
+        view = memoryview(b).cast("B")
+        n = len(view)
+        self._pos += n
+        if self._tail:
+            take = min(GZIP_BLOCK - len(self._tail), n)
+            self._tail += view[:take]
+            view = view[take:]
+            if len(self._tail) < GZIP_BLOCK:
+                return n
+            self._sink.write(self._tail)
+            self._tail = bytearray()
+        whole = len(view) - len(view) % GZIP_BLOCK
+        for start in range(0, whole, GZIP_BLOCK):
+            self._sink.write(view[start : start + GZIP_BLOCK])
+        self._tail += view[whole:]
         return n
 
     def tell(self):
@@ -511,18 +544,19 @@ class _Positioned(io.RawIOBase):
             return self._pos
         raise OSError("stream cannot seek")
 
-
-GZIP_THREADS = 0  # 0: one thread per CPU (ISA-L's threaded writer); the bytes do not depend on it
-
-
-def _gzip_writer(fh):
-    """A deterministic gzip stream on ``fh``: no name, no timestamp; multithreaded with ISA-L."""
-    if _gzip_threaded is not None:
-        # Always the threaded writer (also for one thread): its independent 1 MiB blocks make
-        # the bytes the same for any thread count, hence on any machine.
-        threads = GZIP_THREADS or os.cpu_count() or 1
-        return _gzip_threaded.open(fh, "wb", compresslevel=GZIP_LEVEL, threads=threads)
-    return _gzip_impl.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=GZIP_LEVEL, mtime=0)
+    def close(self):
+        """Write the last block and the gzip trailer; also on failure (the writer's threads must end)."""
+        if self.closed:
+            return
+        try:
+            if self._tail:
+                self._sink.write(self._tail)
+                self._tail = bytearray()
+        finally:
+            try:
+                self._gz.close()
+            finally:
+                super().close()
 
 
 class NiftiStreamWriter:
@@ -538,8 +572,8 @@ class NiftiStreamWriter:
         hdr = img.header
         self._file = AtomicFile(path)
         try:
-            self._gz = _gzip_writer(self._file.fh) if ext == ".nii.gz" else None
-            self._out = _Positioned(self._gz) if self._gz is not None else self._file.fh
+            self._gz = _GzipStream(self._file.fh) if ext == ".nii.gz" else None
+            self._out = self._gz if self._gz is not None else self._file.fh
             hdr.write_to(self._out)
             self._out.write(b"\0" * (int(hdr.get_data_offset()) - self._out.tell()))
         except BaseException:
@@ -576,10 +610,9 @@ def save(img, path) -> None:
 
     def write(fh):
         if ext == ".nii.gz":
-            gz = _gzip_writer(fh)
+            gz = _GzipStream(fh)
             try:
-                out = _Positioned(gz)
-                img.to_file_map({"header": FileHolder(fileobj=out), "image": FileHolder(fileobj=out)})
+                img.to_file_map({"header": FileHolder(fileobj=gz), "image": FileHolder(fileobj=gz)})
             finally:
                 gz.close()  # also on failure: the threaded writer's thread must not outlive us
         else:
