@@ -114,7 +114,7 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
         ]
         any_finite = False
         for vol in stream.volumes:
-            any_finite = any_finite or bool(np.isfinite(vol).any())
+            any_finite = any_finite or backends.has_finite(vol)
             dvol = be.to_device(vol)
             for (job, params), writer in zip(checked, writers, strict=True):
                 out = apply_filter(dvol, stream.voxel_mm, job.kind, mode=mode, mask=dmask, **params)

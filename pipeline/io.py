@@ -40,6 +40,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.fileholders import FileHolder
 
+from .backend import has_finite
 from .errors import VolfilterError
 
 try:  # optional: ISA-L gzip, measured several times faster than zlib (bench/)
@@ -231,9 +232,12 @@ def _open_checked(path: str, with_image):
     return img, shape
 
 
-def _read_exact(fh, n: int) -> bytearray:
-    """Read up to ``n`` bytes into one buffer (no intermediate copies); shorter only at end of file."""
-    buf = bytearray(n)
+def _read_exact(fh, n: int) -> np.ndarray:
+    """Read up to ``n`` bytes into one uninitialised buffer (no zero fill, no intermediate copies).
+
+    Shorter only at end of file.
+    """
+    buf = np.empty(n, np.uint8)
     view = memoryview(buf)
     got = 0
     while got < n:
@@ -242,9 +246,7 @@ def _read_exact(fh, n: int) -> bytearray:
             break
         got += k
     view.release()
-    if got < n:
-        del buf[got:]
-    return buf
+    return buf[:got]
 
 
 def _read_volumes(proxy, fh, shape, path):
@@ -261,7 +263,7 @@ def _read_volumes(proxy, fh, shape, path):
             buf = _read_exact(fh, n_bytes)
             if len(buf) < n_bytes:
                 raise VolfilterError(f"{path}: truncated: volume {t} ends after {len(buf)} of {n_bytes} bytes")
-            raw = np.frombuffer(buf, proxy.dtype).reshape(spatial, order="F")
+            raw = buf.view(proxy.dtype).reshape(spatial, order="F")
             # Native float32 is used in place (the buffer is writable); anything else is converted.
             vol = raw if raw.dtype == np.dtype(np.float32) else raw.astype(np.float32)
             del buf, raw  # do not hold the raw bytes while the caller filters this volume
@@ -293,7 +295,10 @@ def load(path) -> Volume:
     path = os.fspath(path)
 
     def read_all(img, fh):
-        data = np.empty(shape_of(img), np.float32, order="F")
+        shape = shape_of(img)
+        if len(shape) == 3:  # the volume as read: no copy
+            return next(_read_volumes(img.dataobj, fh, shape, path))
+        data = np.empty(shape, np.float32, order="F")
         flat = data.reshape(data.shape[:3] + (-1,), order="F")
         for t, vol in enumerate(_read_volumes(img.dataobj, fh, data.shape, path)):
             flat[..., t] = vol
@@ -306,7 +311,7 @@ def load(path) -> Volume:
 
     img, _ = _open_checked(path, keep)
     data = holder["data"]
-    if not np.isfinite(data).any():
+    if not has_finite(data):
         raise VolfilterError(f"{path}: every voxel is NaN or infinite; there is nothing to filter")
     # Detach from the (closed) file: the header and affine are all we keep.
     return Volume(header=img.header.copy(), affine=img.affine.copy(), data=data, path=path)
