@@ -31,6 +31,7 @@ FILTER_NAMES = sorted(config["filters"])
 KERNEL_FILES = wf.kernel_files(config["filters"])
 BY_KEY = {v.key: v for v in VOLUMES}
 GPU_REQUEST = 1 if config.get("backend", "auto") == "gpu" else 0
+NII = ".nii.gz" if config.get("compress", True) else ".nii"  # the derived volumes' extension
 
 
 def _cli():
@@ -93,7 +94,7 @@ def derivative_paths(ext):
 
 
 def all_outputs():
-    outputs = derivative_paths(".nii.gz") + derivative_paths(".json")
+    outputs = derivative_paths(NII) + derivative_paths(".json")
     outputs.append(os.path.join(OUT, "dataset_description.json"))
     if config.get("qc", True):
         outputs += qc_outputs()

@@ -136,6 +136,27 @@ def test_plain_folder(tmp_path, rng):
     assert_allclose(nib.load(out / "with space_desc-b.nii.gz").get_fdata(), ref.get_fdata(), rtol=1e-6)
 
 
+def test_uncompressed_outputs(tmp_path, rng):
+    """compress: false writes .nii (raw NIfTI bytes, no gzip) with the same data, sidecars and QC."""
+    src = tmp_path / "plain"
+    src.mkdir()
+    nib.save(nib.Nifti1Image(rng.random((9, 8, 7)).astype(np.float32), np.diag([1.0, 1.5, 2.0, 1.0])), src / "a.nii.gz")
+    out = tmp_path / "out"
+    config = {"input_dir": str(src), "output_dir": str(out), "filters": FILTERS, "compress": False, "qc": True}
+    snakemake(tmp_path, config)
+    made = sorted(p.name for p in out.glob("a_desc-*"))
+    assert made == [f"a_desc-{n}.{e}" for n in sorted(FILTERS) for e in ("json", "nii")]
+    for name, spec in FILTERS.items():
+        path = out / f"a_desc-{name}.nii"
+        assert path.read_bytes()[344:348] == b"n+1\0"  # a single-file NIfTI-1, not gzip
+        ref = filter_image(
+            str(src / "a.nii.gz"), spec["kind"], backend="cpu", **{k: v for k, v in spec.items() if k != "kind"}
+        )
+        assert_allclose(nib.load(path).get_fdata(), ref.get_fdata(), rtol=1e-6, atol=1e-6)
+    assert (out / "qc" / "a_desc-smooth4_qc.png").stat().st_size > 0
+    assert not list(out.glob("*.nii.gz"))
+
+
 def test_path_traversal_names_cannot_escape(tmp_path, rng):
     src = tmp_path / "bids"
     make_bids(src, rng)
