@@ -66,3 +66,22 @@ def derivative_kernel(axis, smooth):
                 w *= smooth[idx[a]]
         k[i, j, m] = w
     return k
+
+
+def naive_fwhm(x, voxel_mm, mask=None):
+    """Forman's smoothness estimator written out: float64 copy, boolean indexing, one axis at a time."""
+    x = np.asarray(x, dtype=np.float64)
+    valid = np.isfinite(x) if mask is None else (np.isfinite(x) & mask)
+    if valid.sum() < 8:
+        return (np.nan,) * 3
+    var = x[valid].var()
+    out = []
+    for axis, h in enumerate(voxel_mm):
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[axis], b[axis] = slice(1, None), slice(None, -1)
+        pair = valid[tuple(a)] & valid[tuple(b)]
+        d = (x[tuple(a)] - x[tuple(b)])[pair]
+        ratio = 1.0 - (d**2).mean() / (2.0 * var) if d.size >= 2 and var > 0 else np.nan
+        out.append(h * np.sqrt(-2.0 * np.log(2.0) / np.log(ratio)) if 0 < ratio < 1 else np.nan)
+    return tuple(out)

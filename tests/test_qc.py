@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from reference import naive_fwhm
 
 from pipeline import qc
 from pipeline.filters import apply_filter
@@ -33,6 +34,39 @@ def test_smoothness_ignores_nan_and_masked_voxels():
     mask[:, :, :8] = False
     base = qc.smoothness_fwhm(smooth, (2, 2, 2))
     assert qc.smoothness_fwhm(holed, (2, 2, 2), mask) == pytest.approx(base, rel=0.05)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_slabwise_estimators_match_the_textbook_form(order, monkeypatch):
+    """Smoothness and intensity statistics summed slab by slab equal the whole-volume formulas."""
+    monkeypatch.setattr(qc, "SLAB_VOXELS", 1000)  # 20 x 18 planes: slabs of 2 planes, pairs across slabs
+    rng = np.random.default_rng(11)
+    x = apply_filter(rng.normal(size=(20, 18, 15)).astype(np.float32), (1.5, 2, 3), "gaussian", fwhm_mm=5) * 40 + 900
+    x = np.asarray(x, order=order)
+    x[3:7, 2:9, 4:9] = np.nan
+    x[0, 0, 14] = np.inf
+    mask = np.ones(x.shape, bool)
+    mask[:, :5, :] = False
+    for m in (None, mask):
+        assert qc.smoothness_fwhm(x, (1.5, 2, 3), m) == pytest.approx(naive_fwhm(x, (1.5, 2, 3), m), rel=1e-12)
+    series = np.stack([x, 2 * x + 1, x[::-1]], axis=-1)
+    expect = np.nanmean([naive_fwhm(series[..., t], (1.5, 2, 3)) for t in range(3)], axis=0)
+    assert qc.smoothness_fwhm(series, (1.5, 2, 3)) == pytest.approx(tuple(expect), rel=1e-12)
+    got = qc.metrics(x, (1.5, 2, 3))
+    finite = x[np.isfinite(x)].astype(np.float64)
+    assert (got["min"], got["max"]) == (finite.min(), finite.max())
+    assert (got["mean"], got["std"]) == pytest.approx((finite.mean(), finite.std()), rel=1e-12)
+    assert got["nan_count"] == int(np.isnan(x).sum())
+
+
+def test_display_range_from_a_subsample_of_a_large_volume(monkeypatch):
+    monkeypatch.setattr(qc, "PERCENTILE_SAMPLES", 4096)  # 40 x 40 x 40: every 15th voxel
+    x = np.random.default_rng(5).gamma(2.0, 50.0, (40, 40, 40)).astype(np.float32)
+    exact = np.percentile(x, [1, 99.5])
+    lo, hi = qc._limits(x, "input")
+    assert lo == pytest.approx(exact[0], rel=0.1) and hi == pytest.approx(exact[1], rel=0.1)
+    monkeypatch.setattr(qc, "PERCENTILE_SAMPLES", 10**9)  # small volumes: every voxel, exactly
+    assert qc._limits(x, "input") == pytest.approx(tuple(exact))
 
 
 def test_metrics_columns():
