@@ -394,6 +394,59 @@ int vf_all_finite(const float *x, int64_t n) {
     return bad == 0;
 }
 
+/* Sums for Forman's smoothness estimate of one volume over its valid voxels (finite, and mask != 0
+ * where mask is given): out[0] = their number, out[1] = the sum of their squared deviations from
+ * their mean, out[2 + a] = the sum of squared first differences along view axis a (0 = k, 1 = j,
+ * 2 = i) over pairs of valid neighbours, out[5 + a] = the number of those pairs. Accumulated in
+ * double per plane and the planes added in order: the same result for any thread count. */
+static inline int valid_at(const float *x, const uint8_t *mask, int64_t p) {
+    return isfinite(x[p]) && (!mask || mask[p]);
+}
+
+int vf_fwhm_sums(const float *x, const uint8_t *mask, int64_t nz, int64_t ny, int64_t nx, double *out) {
+    int64_t plane = ny * nx;
+    double *part = calloc((size_t)(nz > 0 ? nz : 1) * 8, sizeof(double));
+    if (!part) return -1;
+#pragma omp parallel for schedule(dynamic, 2) if (nz * plane >= PARALLEL_MIN)
+    for (int64_t k = 0; k < nz; k++) {
+        double n = 0, s = 0;
+        for (int64_t p = k * plane; p < (k + 1) * plane; p++)
+            if (valid_at(x, mask, p)) { n += 1; s += x[p]; }
+        part[k * 8] = n;
+        part[k * 8 + 1] = s;
+    }
+    double n = 0, s = 0;
+    for (int64_t k = 0; k < nz; k++) { n += part[k * 8]; s += part[k * 8 + 1]; }
+    const double mean = n > 0 ? s / n : 0.0;
+#pragma omp parallel for schedule(dynamic, 2) if (nz * plane >= PARALLEL_MIN)
+    for (int64_t k = 0; k < nz; k++) {
+        double ss = 0, d2[3] = {0, 0, 0}, pairs[3] = {0, 0, 0};
+        for (int64_t j = 0; j < ny; j++) {
+            for (int64_t i = 0; i < nx; i++) {
+                int64_t p = k * plane + j * nx + i;
+                if (!valid_at(x, mask, p)) continue;
+                double v = x[p], dev = v - mean;
+                ss += dev * dev;
+                const int64_t back[3] = {k > 0 ? p - plane : -1, j > 0 ? p - nx : -1, i > 0 ? p - 1 : -1};
+                for (int a = 0; a < 3; a++)
+                    if (back[a] >= 0 && valid_at(x, mask, back[a])) {
+                        double d = v - (double)x[back[a]];
+                        d2[a] += d * d;
+                        pairs[a] += 1;
+                    }
+            }
+        }
+        part[k * 8 + 1] = ss;
+        for (int a = 0; a < 3; a++) { part[k * 8 + 2 + a] = d2[a]; part[k * 8 + 5 + a] = pairs[a]; }
+    }
+    for (int m = 0; m < 8; m++) out[m] = 0;
+    out[0] = n;
+    for (int64_t k = 0; k < nz; k++)
+        for (int m = 1; m < 8; m++) out[m] += part[k * 8 + m];
+    free(part);
+    return 0;
+}
+
 /* out = a x + b y */
 void vf_axpby(const float *x, const float *y, float *out, int64_t n, float a, float b) {
 #pragma omp parallel for schedule(dynamic, 65536) if (n >= PARALLEL_MIN)

@@ -51,6 +51,8 @@ _lib.vf_axpby.argtypes = [_F, _F, _F, _I, ctypes.c_float, ctypes.c_float]
 _lib.vf_axpby.restype = None
 _lib.vf_all_finite.argtypes = [_F, _I]
 _lib.vf_all_finite.restype = ctypes.c_int
+_lib.vf_fwhm_sums.argtypes = [_F, ctypes.c_void_p, _I, _I, _I, ctypes.POINTER(ctypes.c_double)]
+_lib.vf_fwhm_sums.restype = ctypes.c_int
 _lib.vf_set_threads.argtypes = [ctypes.c_int]
 _lib.vf_max_threads.restype = ctypes.c_int
 _ALL_THREADS = _lib.vf_max_threads()
@@ -144,6 +146,31 @@ def all_finite(x) -> bool:
     """True when the float32 array ``x`` (C or Fortran contiguous) holds no NaN or infinity."""
     v, _, _ = _view(x, (0, 0, 0))
     return bool(_lib.vf_all_finite(_p(v), v.size))
+
+
+def fwhm_sums(x, mask=None):
+    """Sums of Forman's smoothness estimator over the valid voxels of a 3-D float32 volume.
+
+    Returns ``(n, ss, d2, pairs)``: the number of valid voxels (finite, inside ``mask``), the sum of
+    their squared deviations from their mean, and per array axis the sum of squared first
+    differences over pairs of valid neighbours and the number of pairs.
+    """
+    v, _, t = _view(x, (0, 0, 0))
+    m = None
+    if mask is not None:
+        m = np.ascontiguousarray(mask.T if t else mask, dtype=np.uint8)
+        if m.shape != v.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from the volume's {x.shape}")
+    out = np.zeros(8, np.float64)
+    _check(
+        _lib.vf_fwhm_sums(
+            _p(v), None if m is None else m.ctypes.data, *v.shape, out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+        )
+    )
+    d2, pairs = out[2:5], out[5:8]
+    if t:  # view axes run backwards
+        d2, pairs = d2[::-1], pairs[::-1]
+    return int(out[0]), float(out[1]), [float(d) for d in d2], [int(c) for c in pairs]
 
 
 def axpby(x, y, a, b):
