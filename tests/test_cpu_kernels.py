@@ -54,6 +54,19 @@ def test_results_identical_whatever_the_thread_count(name, rng):
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
 
+def test_qc_smoothness_sums_identical_whatever_the_thread_count(rng):
+    x = np.asfortranarray(rng.normal(size=(72, 128, 120)).astype(np.float32))
+    x[5:9, 10:20, 30:40] = np.nan
+    mask = np.ones(x.shape, bool)
+    mask[:, :, :7] = False
+    outs = []
+    for n in (1, 2, 3):
+        fast.set_threads(n)
+        outs.append(fast.fwhm_sums(x, mask))
+    fast.set_threads(None)
+    assert outs[0] == outs[1] == outs[2]
+
+
 def _scipy_separable(x, weights, mode):
     import scipy.ndimage as ndi
 
