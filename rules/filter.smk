@@ -21,7 +21,7 @@ rule filter_volume:
         img=input_image,
         kernels=KERNEL_FILES,
     output:
-        volumes=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}" + NII), name=FILTER_NAMES),
+        volumes=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}{ext}"), name=FILTER_NAMES, ext=NII),
         sidecars=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}.json"), name=FILTER_NAMES),
     log:
         os.path.join(OUT, "logs", "filter", "{base}{suffix}.log"),

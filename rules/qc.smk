@@ -1,7 +1,7 @@
 rule qc_volume:
     input:
         img=input_image,
-        volumes=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}" + NII), name=FILTER_NAMES),
+        volumes=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}{ext}"), name=FILTER_NAMES, ext=NII),
     output:
         pngs=[
             report(
