@@ -447,6 +447,37 @@ int vf_fwhm_sums(const float *x, const uint8_t *mask, int64_t nz, int64_t ny, in
     return 0;
 }
 
+/* counts[b] = how many x fall in [edges[b], edges[b+1]) (the last bin closed), NaN, Inf and values
+ * outside [edges[0], edges[nbins]] left out: np.histogram's rule for given edges. The bin is
+ * guessed from the equal spacing and then checked against the edges themselves. Integer counts:
+ * the same whatever the thread count. */
+int vf_histogram(const float *x, int64_t n, const double *edges, int64_t nbins, int64_t *counts) {
+    const double lo = edges[0], hi = edges[nbins], scale = (double)nbins / (hi - lo);
+    int failed = 0;
+    memset(counts, 0, (size_t)nbins * sizeof(int64_t));
+#pragma omp parallel if (n >= PARALLEL_MIN)
+    {
+        int64_t *local = calloc((size_t)nbins, sizeof(int64_t));
+        if (all_allocated(local != NULL, &failed)) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < n; i++) {
+                const double v = x[i];
+                if (!(v >= lo && v <= hi)) continue;
+                int64_t b = (int64_t)((v - lo) * scale);
+                if (b > nbins - 1) b = nbins - 1;
+                if (b < 0) b = 0;
+                while (b > 0 && v < edges[b]) b--;
+                while (b < nbins - 1 && v >= edges[b + 1]) b++;
+                local[b]++;
+            }
+#pragma omp critical
+            for (int64_t b = 0; b < nbins; b++) counts[b] += local[b];
+        }
+        free(local);
+    }
+    return failed ? -1 : 0;
+}
+
 /* out = a x + b y */
 void vf_axpby(const float *x, const float *y, float *out, int64_t n, float a, float b) {
 #pragma omp parallel for schedule(dynamic, 65536) if (n >= PARALLEL_MIN)

@@ -53,6 +53,8 @@ _lib.vf_all_finite.argtypes = [_F, _I]
 _lib.vf_all_finite.restype = ctypes.c_int
 _lib.vf_fwhm_sums.argtypes = [_F, ctypes.c_void_p, _I, _I, _I, ctypes.POINTER(ctypes.c_double)]
 _lib.vf_fwhm_sums.restype = ctypes.c_int
+_lib.vf_histogram.argtypes = [_F, _I, ctypes.POINTER(ctypes.c_double), _I, ctypes.POINTER(ctypes.c_int64)]
+_lib.vf_histogram.restype = ctypes.c_int
 _lib.vf_set_threads.argtypes = [ctypes.c_int]
 _lib.vf_max_threads.restype = ctypes.c_int
 _ALL_THREADS = _lib.vf_max_threads()
@@ -171,6 +173,23 @@ def fwhm_sums(x, mask=None):
     if t:  # view axes run backwards
         d2, pairs = d2[::-1], pairs[::-1]
     return int(out[0]), float(out[1]), [float(d) for d in d2], [int(c) for c in pairs]
+
+
+def histogram(x, edges) -> np.ndarray:
+    """``np.histogram(x, bins=edges)[0]`` for a contiguous float32 array and increasing edges (int64)."""
+    v = x.ravel(order="K")
+    e = np.ascontiguousarray(edges, dtype=np.float64)
+    counts = np.zeros(e.size - 1, np.int64)
+    _check(
+        _lib.vf_histogram(
+            _p(v),
+            v.size,
+            e.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
+            counts.size,
+            counts.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+        )
+    )
+    return counts
 
 
 def axpby(x, y, a, b):

@@ -67,6 +67,37 @@ def test_qc_smoothness_sums_identical_whatever_the_thread_count(rng):
     assert outs[0] == outs[1] == outs[2]
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_histogram_equals_numpy_with_the_same_edges(order, rng):
+    """Values on the edges (ties), at the closed top edge, outside the range, NaN and Inf; 4-D too."""
+    x = np.asarray(rng.integers(-5, 85, (30, 20, 12, 3)).astype(np.float32), order=order)
+    x[0, 0, 0, :] = [np.nan, np.inf, -np.inf]
+    edges = np.linspace(0.0, 79.0, 80)  # every integer value in range lies on an edge
+    assert np.array_equal(fast.histogram(x, edges), np.histogram(x, bins=edges)[0])
+    # Uneven edges, many on data values: the bin guessed from the mean spacing is several off and
+    # the checks against the edges move it, through ties.
+    widths = rng.uniform(0.3, 1.7, 79)
+    edges = np.r_[0.0, np.cumsum(widths) * (79.0 / widths.sum())]
+    edges[1:-1:2] = np.round(edges[1:-1:2])
+    edges = np.unique(edges)
+    assert np.array_equal(fast.histogram(x, edges), np.histogram(x, bins=edges)[0])
+    y = np.asarray(rng.normal(40, 25, (32, 24, 16)).astype(np.float32), order=order)
+    edges = np.linspace(-3.7, 61.3, 80)
+    assert np.array_equal(fast.histogram(y, edges), np.histogram(y, bins=edges)[0])
+
+
+def test_histogram_identical_whatever_the_thread_count(rng):
+    x = np.asfortranarray(rng.normal(size=(72, 128, 120)).astype(np.float32))
+    edges = np.linspace(-3.0, 3.0, 80)
+    outs = []
+    for n in (1, 2, 3):
+        fast.set_threads(n)
+        outs.append(fast.histogram(x, edges))
+    fast.set_threads(None)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    assert np.array_equal(outs[0], np.histogram(x, bins=edges)[0])
+
+
 def _scipy_separable(x, weights, mode):
     import scipy.ndimage as ndi
 
