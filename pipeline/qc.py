@@ -61,7 +61,7 @@ def _fwhm_3d(x, voxel_mm, mask):
 
     The sums (``tests/reference.py`` writes them out with float64 copies and boolean indexing)
     come from one C pass (:func:`pipeline.native.fwhm_sums`) for float32 volumes when the kernels
-    are built, else from NumPy slab by slab. 256³ on 2 cores: textbook 2.3 s, slabs 0.25 s.
+    are built, else from NumPy slab by slab. 256³ on 2 cores: textbook 2.3 s, slabs 0.2 s, C 0.05–0.09 s.
     """
     x = np.asarray(x)
     fast = fast_cpu(x)
