@@ -112,6 +112,39 @@ def cpu_kernels(x):
         row(name, *paired_ms(base, ours, 9), peak_mb(ours))
 
 
+def textbook_qc_metrics(x, voxel_mm, mask):
+    """QC metrics as first written: float64 copies and boolean indexing (tests/reference.py's estimator)."""
+    d = x.astype(np.float64)
+    valid = np.isfinite(d) & mask
+    var = d[valid].var()
+    fwhm = []
+    for axis, h in enumerate(voxel_mm):
+        a, b = [slice(None)] * 3, [slice(None)] * 3
+        a[axis], b[axis] = slice(1, None), slice(None, -1)
+        pair = valid[tuple(a)] & valid[tuple(b)]
+        diff = (d[tuple(a)] - d[tuple(b)])[pair]
+        fwhm.append(h * np.sqrt(-2 * np.log(2) / np.log(1 - (diff**2).mean() / (2 * var))))
+    finite = x[np.isfinite(x)]
+    return fwhm, (finite.min(), finite.max(), finite.mean(), finite.std(), int(np.isnan(x).sum()))
+
+
+def qc_cases(x):
+    """The per-volume work of a QC job (metrics, display range, histogram), textbook NumPy vs ours."""
+    from pipeline import qc
+
+    header(f"QC of one volume, {x.shape} float32 (baseline: the textbook NumPy forms)")
+    y = np.asfortranarray(ndi.gaussian_filter(x, 2))  # a smoother volume, Fortran-ordered as loaded
+    mask = qc.foreground_mask(x)
+    vox = (1.0, 1.0, 1.0)
+    base, ours = paired_ms(lambda: textbook_qc_metrics(y, vox, mask), lambda: qc.metrics(y, vox, mask), 3)
+    row("smoothness + intensity metrics", base, ours)
+    edges = np.linspace(float(y.min()), float(y.max()), 80)
+    base, ours = paired_ms(lambda: np.histogram(y[np.isfinite(y)], bins=edges), lambda: qc._histogram(y, edges), 5)
+    row("histogram, 79 bins", base, ours)
+    base, ours = paired_ms(lambda: np.percentile(y[np.isfinite(y)], [1, 99.5]), lambda: qc._limits(y, "input"), 5)
+    row("display range (1st, 99.5th percentile)", base, ours, note="ours: strided subsample past 2^20 voxels")
+
+
 def gzip_io(x, tmp):
     header(f"NIfTI .nii.gz I/O, {x.shape} float32 ({x.nbytes / 2**20:.0f} MB)")
     img = nib.Nifti1Image(np.asfortranarray(x), np.eye(4))
@@ -307,6 +340,7 @@ def main():
     try:
         cpu_kernels(x)
         gzip_io(x, tmp)
+        qc_cases(x)
         if not args.skip_e2e:
             synth = os.path.join(tmp, f"synth{n}.nii.gz")
             nib.save(nib.Nifti1Image(x, np.eye(4)), synth)
