@@ -513,9 +513,14 @@ class _GzipStream(io.RawIOBase):
         self._tail = bytearray()
         if _gzip_threaded is not None:
             threads = GZIP_THREADS or os.cpu_count() or 1
-            self._gz = _gzip_threaded.open(fh, "wb", compresslevel=GZIP_LEVEL, threads=threads, block_size=GZIP_BLOCK)
+            try:
+                self._gz = _gzip_threaded.open(
+                    fh, "wb", compresslevel=GZIP_LEVEL, threads=threads, block_size=GZIP_BLOCK
+                )
+            except TypeError:  # an isal without block_size: its own block size, still fixed
+                self._gz = _gzip_threaded.open(fh, "wb", compresslevel=GZIP_LEVEL, threads=threads)
             # Whole blocks go straight to the threaded writer under its 1 MiB buffer (one copy less).
-            self._sink = self._gz.raw
+            self._sink = getattr(self._gz, "raw", self._gz)
         else:  # one deflate stream: its bytes never depended on how the writes were cut
             self._gz = _gzip_impl.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=GZIP_LEVEL, mtime=0)
             self._sink = self._gz
