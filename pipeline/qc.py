@@ -16,6 +16,7 @@ Examples
 from __future__ import annotations
 
 import csv
+import gc
 import io as _io
 import math
 import os
@@ -401,7 +402,12 @@ def volume_qc(input_path, derived: dict, pngs: dict, metrics_path, label: str) -
         if name in pngs:
             ranges = [(m["min"], m["max"]) for m in (in_m, out_m)]
             qc_figure(vol.data, out.data, vol.affine, vol.voxel_mm, name, spec, pngs[name], ranges)
-        del out  # before the next one is read: the input and one output in memory, not two
+        # Before the next one is read: the input and one output in memory, not two or four. Drawing
+        # a figure leaves reference cycles (matplotlib's objects, frames that still see this
+        # output) that only the cyclic collector frees: without it, a 131 MB series' QC job
+        # peaked at 630 MB instead of 369 MB.
+        del out
+        gc.collect()
     rows = metrics_rows(label, in_m, results)
     write_text(metrics_path, rows_to_tsv(rows))
     return rows

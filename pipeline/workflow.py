@@ -86,6 +86,24 @@ def mem_mb(path: str, attempt: int = 1) -> int:
     return int(math.ceil(need / 2**20 * (1 + 0.5 * (attempt - 1)))) + PYTHON_BASELINE_MB
 
 
+QC_FLOAT32_COPIES = 3  # the input, one derived volume, the next one being read
+
+
+def qc_mem_mb(path: str, attempt: int = 1) -> int:
+    """Memory request for the QC job of ``path`` (grows on retries).
+
+    A QC job holds the whole input and one derived series as float32 while it reads the next;
+    measured peaks, interpreter and matplotlib included: 321 MB for a 256³ volume, 378 MB for a
+    64×64×40×200 series (``tests/test_qc.py`` checks the request against a measured peak).
+    """
+    try:
+        voxels = math.prod(int(s) for s in read_header(path).header.get_data_shape())
+    except (VolfilterError, OSError):
+        voxels = 256**3
+    need = QC_FLOAT32_COPIES * 4 * voxels
+    return int(math.ceil(need / 2**20 * (1 + 0.5 * (attempt - 1)))) + PYTHON_BASELINE_MB
+
+
 def runtime_min(path: str, n_filters: int, attempt: int = 1) -> int:
     """Generous wall-time request in minutes: ~1 s per 10 M voxels per filter on one core, x30 margin."""
     try:

@@ -85,6 +85,10 @@ def filter_mem_mb(wildcards, attempt):
     return wf.mem_mb(input_image(wildcards), attempt)
 
 
+def qc_mem_mb(wildcards, attempt):
+    return wf.qc_mem_mb(input_image(wildcards), attempt)
+
+
 def filter_runtime(wildcards, attempt):
     return wf.runtime_min(input_image(wildcards), len(FILTER_NAMES), attempt)
 

@@ -22,7 +22,7 @@ rule qc_volume:
         "../environment.yml"
     threads: 1
     resources:
-        mem_mb=filter_mem_mb,
+        mem_mb=qc_mem_mb,
         runtime=filter_runtime,
     params:
         cli=VOLFILTER,

@@ -139,3 +139,64 @@ def test_filter_jobs_do_not_import_matplotlib(nib_data, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["0", "False"]
+
+
+def test_qc_job_fits_its_memory_request(tmp_path, rng):
+    """The workflow's mem_mb for a QC job covers the peak RSS of that job on a 74 MB series."""
+    import nibabel as nib
+
+    from pipeline import workflow as wf
+
+    src = tmp_path / "bold.nii"
+    series = rng.normal(1000, 10, (80, 80, 48, 60)).astype(np.float32)
+    nib.save(nib.Nifti1Image(series, np.diag([3.0, 3.0, 3.0, 1.0])), src)
+    del series
+    filters = '{"g": {"kind": "gaussian", "fwhm_mm": 6}, "e": {"kind": "sobel"}, "s": {"kind": "sharpen"}}'
+    outs = {n: tmp_path / f"{n}.nii" for n in "ges"}
+    cli = [sys.executable, "-m", "pipeline"]
+    subprocess.run([*cli, "batch", str(src), "--filters-json", filters, "--backend", "cpu", "--no-sidecar",
+                    *[f"--output={n}={p}" for n, p in outs.items()]], check=True)  # fmt: skip
+    qc_cmd = [*cli, "qc", str(src), "--filters-json", filters, *[f"--derived={n}={p}" for n, p in outs.items()],
+              "--png=g=" + str(tmp_path / "g.png"), "--metrics", str(tmp_path / "m.tsv"), "--label", "b"]  # fmt: skip
+    # A parent of its own, so that ru_maxrss of its children is this QC job's peak alone.
+    probe = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); " \
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)"  # fmt: skip
+    peak_mb = int(subprocess.run([sys.executable, "-c", probe, *qc_cmd], check=True, capture_output=True,
+                                 text=True).stdout.split()[-1])  # fmt: skip
+    request = wf.qc_mem_mb(str(src))
+    assert peak_mb <= request, (peak_mb, request)
+    # The request is not the interpreter's baseline alone: the series (74 MB as float32) counts.
+    assert request - wf.PYTHON_BASELINE_MB >= 3 * series_mb(src)
+
+
+def test_volume_qc_holds_one_derived_volume_at_a_time(nib_data, tmp_path, monkeypatch):
+    """When a derived volume is read, the one before it is gone (figures leave reference cycles)."""
+    import weakref
+
+    from pipeline import io
+    from pipeline.image import FilterJob, filter_file
+
+    src = nib_data("example4d.nii.gz")
+    specs = {"g": {"kind": "gaussian", "fwhm_mm": 6}, "e": {"kind": "sobel"}, "s": {"kind": "sharpen"}}
+    derived = {n: (spec, str(tmp_path / f"{n}.nii.gz")) for n, spec in specs.items()}
+    filter_file(src, [FilterJob(s["kind"], {k: v for k, v in s.items() if k != "kind"}, p) for s, p in derived.values()],
+                backend="cpu", sidecars=False)  # fmt: skip
+    loaded, alive_at_load = [], []
+    real_load = io.load
+
+    def load(path):
+        alive_at_load.append(sum(ref() is not None for ref in loaded[1:]))  # derived ones only
+        vol = real_load(path)
+        loaded.append(weakref.ref(vol.data))
+        return vol
+
+    monkeypatch.setattr(io, "load", load)
+    pngs = {n: str(tmp_path / f"{n}.png") for n in specs}
+    qc.volume_qc(src, derived, pngs, str(tmp_path / "m.tsv"), "x")
+    assert alive_at_load == [0, 0, 0, 0]
+
+
+def series_mb(path):
+    import nibabel as nib
+
+    return 4 * int(np.prod(nib.load(path).shape)) / 2**20
