@@ -75,15 +75,30 @@ def find_inputs(config: dict, example_dir: str):
     return volumes, skipped
 
 
+def _shape(path: str):
+    """The image shape from ``path``'s header, or None when it is not there yet (made by an
+    upstream rule) or unreadable (the job will say why)."""
+    try:
+        return read_header(path).header.get_data_shape()
+    except (VolfilterError, OSError):
+        return None
+
+
+def _voxels(path: str) -> int:
+    """Voxels in ``path`` (all volumes), or those of one 256³ volume when its header is not readable."""
+    shape = _shape(path)
+    return 256**3 if shape is None else math.prod(int(s) for s in shape)
+
+
+def _request_mb(need_bytes: int, attempt: int) -> int:
+    """``need_bytes`` in MB, half as much again per retry, plus the interpreter."""
+    return int(math.ceil(need_bytes / 2**20 * (1 + 0.5 * (attempt - 1)))) + PYTHON_BASELINE_MB
+
+
 def mem_mb(path: str, attempt: int = 1) -> int:
     """Memory request for one filter job on ``path``, from its header (grows on retries)."""
-    try:
-        shape = read_header(path).header.get_data_shape()
-        need = working_bytes(shape)
-    except (VolfilterError, OSError):
-        # Not there yet (made by an upstream rule) or unreadable (the job will say why).
-        need = 256 * 2**20
-    return int(math.ceil(need / 2**20 * (1 + 0.5 * (attempt - 1)))) + PYTHON_BASELINE_MB
+    shape = _shape(path)
+    return _request_mb(256 * 2**20 if shape is None else working_bytes(shape), attempt)
 
 
 QC_FLOAT32_COPIES = 3  # the input, one derived volume, the next one being read
@@ -96,19 +111,9 @@ def qc_mem_mb(path: str, attempt: int = 1) -> int:
     measured peaks, interpreter and matplotlib included: 321 MB for a 256³ volume, 378 MB for a
     64×64×40×200 series (``tests/test_qc.py`` checks the request against a measured peak).
     """
-    try:
-        voxels = math.prod(int(s) for s in read_header(path).header.get_data_shape())
-    except (VolfilterError, OSError):
-        voxels = 256**3
-    need = QC_FLOAT32_COPIES * 4 * voxels
-    return int(math.ceil(need / 2**20 * (1 + 0.5 * (attempt - 1)))) + PYTHON_BASELINE_MB
+    return _request_mb(QC_FLOAT32_COPIES * 4 * _voxels(path), attempt)
 
 
 def runtime_min(path: str, n_filters: int, attempt: int = 1) -> int:
     """Generous wall-time request in minutes: ~1 s per 10 M voxels per filter on one core, x30 margin."""
-    try:
-        shape = read_header(path).header.get_data_shape()
-        voxels = math.prod(int(s) for s in shape)
-    except (VolfilterError, OSError):
-        voxels = 256**3
-    return max(5, math.ceil(30 * n_filters * voxels / 1e7 / 60)) * attempt
+    return max(5, math.ceil(30 * n_filters * _voxels(path) / 1e7 / 60)) * attempt
