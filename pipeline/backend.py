@@ -75,11 +75,18 @@ def fast_cpu(array):
     return None
 
 
+def fast_cpu_flat(array):
+    """The compiled kernels if built and ``array`` is a contiguous float32 NumPy array of any shape
+    (for the passes that see it as one run of voxels: finiteness, histograms), else None."""
+    contiguous = isinstance(array, np.ndarray) and (array.flags.c_contiguous or array.flags.f_contiguous)
+    if contiguous and array.dtype == np.float32:
+        return cpu_kernels()
+    return None
+
+
 def has_finite(array: np.ndarray) -> bool:
     """True when any voxel is finite; one pass in C without a mask array in the common all-finite case."""
-    fast = (
-        cpu_kernels() if array.dtype == np.float32 and (array.flags.c_contiguous or array.flags.f_contiguous) else None
-    )
+    fast = fast_cpu_flat(array)
     if fast is not None and array.size and fast.all_finite(array):
         return True
     return bool(np.isfinite(array).any())

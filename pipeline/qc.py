@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from .backend import cpu_kernels, fast_cpu
+from .backend import fast_cpu, fast_cpu_flat
 from .errors import VolfilterError
 
 EDGE_KINDS = {"sobel", "prewitt"}
@@ -262,8 +262,7 @@ def _limits(data, kind):
 
 def _histogram(data, edges) -> np.ndarray:
     """``np.histogram(data, bins=edges)[0]``; one pass in C for contiguous float32 data (256³: 0.12 -> 0.04 s)."""
-    contiguous = data.flags.c_contiguous or data.flags.f_contiguous
-    fast = cpu_kernels() if isinstance(data, np.ndarray) and data.dtype == np.float32 and contiguous else None
+    fast = fast_cpu_flat(data)
     if fast is not None:
         return fast.histogram(data, edges)
     return np.histogram(data.ravel(order="K"), bins=edges)[0]
