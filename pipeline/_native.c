@@ -484,6 +484,13 @@ void vf_axpby(const float *x, const float *y, float *out, int64_t n, float a, fl
     for (int64_t i = 0; i < n; i++) out[i] = a * x[i] + b * y[i];
 }
 
+/* The SHA-256 of the source this library was built from (setup.py defines it; "" when built by
+ * hand): pipeline/native.py does not use a library built from another version of this file. */
+#ifndef VF_SOURCE_SHA256
+#define VF_SOURCE_SHA256 ""
+#endif
+const char *vf_source_sha256(void) { return VF_SOURCE_SHA256; }
+
 void vf_set_threads(int n) {
 #ifdef _OPENMP
     omp_set_num_threads(n);

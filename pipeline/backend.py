@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import VolfilterError
+from .errors import StaleKernelsError, VolfilterError
 
 BACKENDS = ("auto", "cpu", "gpu")
 
@@ -52,13 +53,19 @@ def cpu_kernels():
     ``VOLFILTER_NO_NATIVE=1`` forces the plain scipy.ndimage path.
     """
     global _native
-    if _native is None and not os.environ.get("VOLFILTER_NO_NATIVE"):
+    if os.environ.get("VOLFILTER_NO_NATIVE"):
+        return None
+    if _native is None:
+        _native = False  # tried once per process: a failed import is not retried per filter
         try:
             from . import native
+        except StaleKernelsError as exc:
+            warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
         except (ImportError, OSError):
-            return None
-        _native = native
-    return _native
+            pass
+        else:
+            _native = native
+    return _native or None
 
 
 def set_cpu_threads(n: int | None) -> None:

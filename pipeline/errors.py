@@ -1,4 +1,4 @@
-"""The one exception type for problems a user can cause and fix."""
+"""The exception types: problems a user can cause and fix, and a stale kernel library."""
 
 
 class VolfilterError(Exception):
@@ -7,3 +7,8 @@ class VolfilterError(Exception):
     The message says which file or option is wrong, what is wrong with it and,
     where it helps, what to do instead.
     """
+
+
+class StaleKernelsError(ImportError):
+    """The compiled kernels were built from another version of ``pipeline/_native.c`` than the one
+    beside them (a checkout updated without a rebuild): they are not used."""

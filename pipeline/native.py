@@ -21,21 +21,67 @@ C-ordered view, so Fortran input gives Fortran output (what NIfTI stores).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import os
 
 import numpy as np
 
+from .errors import StaleKernelsError
+
 MODE_CODES = {"reflect": 0, "mirror": 1, "nearest": 2, "wrap": 3, "constant": 4}
 
-# VOLFILTER_NATIVE_LIB names another build of the same source (the tests load a baseline-x86-64 one).
-_path = os.environ.get("VOLFILTER_NATIVE_LIB")
-if not _path:
-    _spec = importlib.util.find_spec("pipeline._native")
-    if _spec is None or _spec.origin is None:
-        raise ImportError("pipeline._native is not built")
-    _path = _spec.origin
+
+def find_library(package_dir: str) -> str | None:
+    """A library built from ``_native.c`` in ``package_dir``, for this interpreter or another.
+
+    ctypes needs no Python ABI, only the platform, so a checkout built once (``pip install -e .``)
+    also serves jobs that another interpreter runs on it, e.g. a Snakemake conda env's Python with
+    the checkout on PYTHONPATH; a library that does not load there leaves scipy.ndimage in charge.
+    """
+    try:
+        names = sorted(os.listdir(package_dir))
+    except OSError:
+        return None
+    for name in names:
+        if name.startswith("_native.") and name.endswith(".so"):
+            return os.path.join(package_dir, name)
+    return None
+
+
+def _library_path() -> str:
+    # VOLFILTER_NATIVE_LIB names another build of the same source (the tests load a baseline-x86-64 one).
+    if path := os.environ.get("VOLFILTER_NATIVE_LIB"):
+        return path
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.find_spec("pipeline._native")  # the build for this interpreter
+    built_here = spec is not None and spec.origin and os.path.dirname(os.path.abspath(spec.origin)) == here
+    if path := (spec.origin if built_here else find_library(here)) or (spec and spec.origin):
+        return path
+    raise ImportError("pipeline._native is not built")
+
+
+def _check_source(lib, path: str) -> None:
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.c")
+    if not os.path.exists(source):  # an installed wheel: library and code were built together
+        return
+    try:
+        lib.vf_source_sha256.restype = ctypes.c_char_p
+        built = lib.vf_source_sha256().decode()
+    except AttributeError:  # built before libraries recorded their source
+        built = "older"
+    with open(source, "rb") as fh:
+        current = hashlib.sha256(fh.read()).hexdigest()
+    if built and built != current:
+        raise StaleKernelsError(
+            f"{path} was built from another version of pipeline/_native.c; using scipy.ndimage instead "
+            "(rebuild the kernels: pip install -e .)"
+        )
+
+
+_path = _library_path()
 _lib = ctypes.CDLL(_path)
+_check_source(_lib, _path)
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.c_int64

@@ -178,3 +178,70 @@ def test_a_baseline_x86_64_build_gives_the_same_bits(tmp_path):
     for filt in results["installed"].files:
         a, b = results["installed"][filt], results["baseline"][filt]
         assert a.tobytes() == b.tobytes(), f"{filt}: baseline x86-64 build differs"
+
+
+def _package_copy(tmp_path, library_name, edit_source=False):
+    """pipeline/ copied to tmp_path with the built library under ``library_name``."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "pipeline"
+    dst = tmp_path / "pipeline"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "_native*.so"))
+    shutil.copy(fast._path, dst / library_name)
+    if edit_source:
+        with open(dst / "_native.c", "a") as fh:
+            fh.write("/* a later version */\n")
+    return dst
+
+
+_WHICH_KERNELS = """
+import warnings, numpy as np
+warnings.simplefilter("always")
+from pipeline import apply_filter, backend
+k = backend.cpu_kernels()
+print(k._path if k else "scipy")
+x = np.asfortranarray(np.random.default_rng(1).normal(size=(12, 10, 8)).astype(np.float32))
+np.save("out.npy", apply_filter(x, (1, 1, 2), "gaussian", fwhm_mm=3))
+"""
+
+
+def _which_kernels(package_parent):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VOLFILTER_NATIVE_LIB", "VOLFILTER_NO_NATIVE")}
+    env["PYTHONPATH"] = str(package_parent)
+    proc = subprocess.run([sys.executable, "-c", _WHICH_KERNELS], cwd=package_parent, env=env,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return proc.stdout.strip(), proc.stderr, np.load(package_parent / "out.npy")
+
+
+def test_installed_library_records_its_source():
+    import hashlib
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1] / "pipeline" / "_native.c"
+    fast._lib.vf_source_sha256.restype = __import__("ctypes").c_char_p
+    assert fast._lib.vf_source_sha256().decode() == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def test_library_built_for_another_python_is_used(tmp_path):
+    # A Snakemake conda env's Python runs the checkout's code: its library carries another ABI tag.
+    pkg = _package_copy(tmp_path, "_native.cpython-39-x86_64-linux-gnu.so")
+    used, err, out = _which_kernels(tmp_path)
+    assert used == str(pkg / "_native.cpython-39-x86_64-linux-gnu.so"), err
+    x = np.asfortranarray(np.random.default_rng(1).normal(size=(12, 10, 8)).astype(np.float32))
+    assert np.array_equal(out, apply_filter(x, (1, 1, 2), "gaussian", fwhm_mm=3))
+
+
+def test_library_built_from_older_source_is_not_used(tmp_path):
+    # The checkout was updated (pipeline/_native.c changed) and not rebuilt: the old library could be
+    # called with the new arguments. It is refused with a warning, and scipy.ndimage does the work.
+    _package_copy(tmp_path, fast._path.rsplit("/", 1)[1], edit_source=True)
+    used, err, out = _which_kernels(tmp_path)
+    assert used == "scipy"
+    assert "built from another version of pipeline/_native.c" in err and err.count("RuntimeWarning") == 1
+    x = np.asfortranarray(np.random.default_rng(1).normal(size=(12, 10, 8)).astype(np.float32))
+    assert_allclose(out, apply_filter(x, (1, 1, 2), "gaussian", fwhm_mm=3), rtol=1e-5, atol=1e-5)
