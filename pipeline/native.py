@@ -32,42 +32,38 @@ from .errors import StaleKernelsError
 MODE_CODES = {"reflect": 0, "mirror": 1, "nearest": 2, "wrap": 3, "constant": 4}
 
 
-def find_library(package_dir: str) -> str | None:
-    """A library built from ``_native.c`` in ``package_dir``, for this interpreter or another.
+def _candidates() -> list[str]:
+    """Libraries built from ``_native.c``, best first: this package's build for this interpreter,
+    then its builds for other CPythons, then one found elsewhere on the import path.
 
     ctypes needs no Python ABI, only the platform, so a checkout built once (``pip install -e .``)
     also serves jobs that another interpreter runs on it, e.g. a Snakemake conda env's Python with
-    the checkout on PYTHONPATH; a library that does not load there leaves scipy.ndimage in charge.
+    the checkout on PYTHONPATH.
     """
-    try:
-        names = sorted(os.listdir(package_dir))
-    except OSError:
-        return None
-    for name in names:
-        if name.startswith("_native.") and name.endswith(".so"):
-            return os.path.join(package_dir, name)
-    return None
-
-
-def _library_path() -> str:
-    # VOLFILTER_NATIVE_LIB names another build of the same source (the tests load a baseline-x86-64 one).
-    if path := os.environ.get("VOLFILTER_NATIVE_LIB"):
-        return path
+    if path := os.environ.get("VOLFILTER_NATIVE_LIB"):  # another build (the tests load a baseline-x86-64 one)
+        return [path]
     here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.find_spec("pipeline._native")  # the build for this interpreter
-    built_here = spec is not None and spec.origin and os.path.dirname(os.path.abspath(spec.origin)) == here
-    if path := (spec.origin if built_here else find_library(here)) or (spec and spec.origin):
-        return path
-    raise ImportError("pipeline._native is not built")
+    spec = importlib.util.find_spec("pipeline._native")
+    own = spec.origin if spec is not None and spec.origin else None
+    try:
+        names = sorted(n for n in os.listdir(here) if n.startswith("_native.") and n.endswith(".so"))
+    except OSError:
+        names = []
+    local = [os.path.join(here, n) for n in names]
+    if own and os.path.dirname(os.path.abspath(own)) == here:
+        return [own] + [p for p in local if p != own]
+    return local + ([own] if own else [])
 
 
 def _check_source(lib, path: str) -> None:
+    """Refuse a library built from another version of ``_native.c`` than the one beside this file
+    (a checkout updated without a rebuild: the library would be called with the new arguments)."""
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.c")
     if not os.path.exists(source):  # an installed wheel: library and code were built together
         return
     try:
         lib.vf_source_sha256.restype = ctypes.c_char_p
-        built = lib.vf_source_sha256().decode()
+        built = lib.vf_source_sha256().decode()  # "" when built by hand, without setup.py
     except AttributeError:  # built before libraries recorded their source
         built = "older"
     with open(source, "rb") as fh:
@@ -79,9 +75,23 @@ def _check_source(lib, path: str) -> None:
         )
 
 
-_path = _library_path()
-_lib = ctypes.CDLL(_path)
-_check_source(_lib, _path)
+def _load():
+    """The first candidate that loads and was built from this source (else the first reason why not)."""
+    errors = []
+    for path in _candidates():
+        try:
+            lib = ctypes.CDLL(path)
+            _check_source(lib, path)
+            return path, lib
+        except (OSError, StaleKernelsError) as exc:
+            errors.append(exc)
+    for exc in errors:
+        if isinstance(exc, StaleKernelsError):
+            raise exc
+    raise ImportError(str(errors[0]) if errors else "pipeline._native is not built")
+
+
+_path, _lib = _load()
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.c_int64

@@ -245,3 +245,27 @@ def test_library_built_from_older_source_is_not_used(tmp_path):
     assert "built from another version of pipeline/_native.c" in err and err.count("RuntimeWarning") == 1
     x = np.asfortranarray(np.random.default_rng(1).normal(size=(12, 10, 8)).astype(np.float32))
     assert_allclose(out, apply_filter(x, (1, 1, 2), "gaussian", fwhm_mm=3), rtol=1e-5, atol=1e-5)
+
+
+def test_current_library_preferred_to_a_stale_one_beside_it(tmp_path):
+    # The checkout's source changed; a library rebuilt from it (here for another CPython) sits beside
+    # the stale one for this interpreter: the current one is used, whatever the names' order.
+    import hashlib
+    import shutil
+    import subprocess
+    import sysconfig
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    stale_name = fast._path.rsplit("/", 1)[1]
+    pkg = _package_copy(tmp_path, stale_name, edit_source=True)
+    digest = hashlib.sha256((pkg / "_native.c").read_bytes()).hexdigest()
+    current = pkg / "_native.cpython-99-x86_64-linux-gnu.so"  # sorts after the stale one
+    cmd = [cc, "-O1", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", f'-DVF_SOURCE_SHA256="{digest}"',
+           f"-I{sysconfig.get_paths()['include']}", str(pkg / "_native.c"), "-o", str(current)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert sorted([stale_name, current.name])[0] == stale_name
+    used, err, out = _which_kernels(tmp_path)
+    assert used == str(current), err
+    assert "RuntimeWarning" not in err
