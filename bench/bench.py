@@ -4,7 +4,8 @@ Prints a table (case, baseline ms, ours ms, ratio, peak MB) and the machine it r
 
     python bench/bench.py                 # CPU cases, 256^3 synthetic + nibabel's real images
     python bench/bench.py --size 128      # smaller, quicker
-    python bench/bench.py --gpu           # add GPU cases (CuPy and a device needed)
+    python bench/bench.py --gpu           # add GPU cases (CuPy and a device needed), run first
+    python bench/bench.py --gpu-only --batch 2   # the GPU cases alone: fits a short device session
 
 Baselines are what a user would otherwise write: scipy.ndimage single-threaded and nibabel's
 default .nii.gz reader/writer, in the same process and on the same data; end-to-end cases run
@@ -35,6 +36,7 @@ import nibabel as nib  # noqa: E402
 from reference import naive_fwhm  # noqa: E402
 
 from pipeline import io as vio  # noqa: E402
+from pipeline.backend import gpu_available  # noqa: E402
 from pipeline.filters import apply_filter  # noqa: E402
 
 ROWS = []
@@ -321,7 +323,8 @@ def gpu_cases(x, tmp):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="add the GPU sections (run first)")
+    ap.add_argument("--gpu-only", action="store_true", help="the GPU sections alone, for a short device session")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--batch", type=int, default=8, help="volumes in the batch case")
     args = ap.parse_args()
@@ -335,12 +338,20 @@ def main():
     x = np.asfortranarray(x, dtype=np.float32)
     tmp = tempfile.mkdtemp(prefix="volfilter-bench-")
     try:
+        synth = os.path.join(tmp, f"synth{n}.nii.gz")
+        nib.save(nib.Nifti1Image(x, np.eye(4)), synth)
+        if (args.gpu or args.gpu_only) and not gpu_available():
+            print("\n# GPU sections skipped: CuPy or a CUDA device is not available")
+        elif args.gpu or args.gpu_only:  # first, so that a run cut short by its time limit still has them
+            gpu_cases(x, tmp)
+            if not args.skip_e2e:
+                end_to_end([synth], tmp, "GPU backend", backend="gpu", n_batch=args.batch)
+        if args.gpu_only:
+            return
         cpu_kernels(x)
         gzip_io(x, tmp)
         qc_cases(x)
         if not args.skip_e2e:
-            synth = os.path.join(tmp, f"synth{n}.nii.gz")
-            nib.save(nib.Nifti1Image(x, np.eye(4)), synth)
             from pipeline.example import nibabel_data_file
 
             real = str(nibabel_data_file("example4d.nii.gz"))
@@ -350,10 +361,6 @@ def main():
             nib.save(nib.Nifti1Image(series.astype(np.int16), np.diag([3, 3, 3.5, 1])), bold)
             label = f"synthetic {n}^3, a synthetic 200-volume EPI series and nibabel's example4d"
             end_to_end([synth, bold, real], tmp, label, n_batch=args.batch)
-            if args.gpu:
-                end_to_end([synth], tmp, "GPU backend", backend="gpu", n_batch=args.batch)
-        if args.gpu:
-            gpu_cases(x, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
