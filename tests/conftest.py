@@ -34,6 +34,17 @@ def oblique_affine(voxel_mm=(1.0, 2.0, 3.0), angles=(0.3, -0.2, 0.5), origin=(-2
     return aff
 
 
+def filter_params(name, tmp_path):
+    """Parameters that make each filter run: a Gaussian's width, and for ``kernel`` a kernel file
+    without symmetry (a wrong axis order or flip shows)."""
+    if name == "gaussian":
+        return {"fwhm_mm": 4.0}
+    if name == "kernel":
+        np.save(tmp_path / "k.npy", np.arange(3 * 5 * 3, dtype=float).reshape(3, 5, 3) - 20)
+        return {"kernel_file": str(tmp_path / "k.npy")}
+    return {}
+
+
 @pytest.fixture
 def write_nifti(tmp_path):
     """Write an array as NIfTI under tmp_path and return the path."""

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import filter_params
 from numpy.testing import assert_allclose
 
 from pipeline import apply_filter
@@ -14,21 +15,12 @@ pytestmark = pytest.mark.skipif(fast is None, reason="pipeline._native was not b
 VOX = (1.0, 1.5, 2.5)
 
 
-def _params(name, tmp_path):
-    if name == "gaussian":
-        return {"fwhm_mm": 4.0}
-    if name == "kernel":
-        np.save(tmp_path / "k.npy", np.arange(3 * 5 * 3, dtype=float).reshape(3, 5, 3) - 20)
-        return {"kernel_file": str(tmp_path / "k.npy")}
-    return {}
-
-
 @pytest.mark.parametrize("name", list(FILTERS))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_fast_path_equals_scipy_path(name, mode, order, rng, tmp_path, monkeypatch):
     x = np.asarray(rng.normal(100, 30, (19, 16, 13)).astype(np.float32), order=order)
-    params = _params(name, tmp_path)
+    params = filter_params(name, tmp_path)
     ours = apply_filter(x, VOX, name, mode=mode, **params)
     import pipeline.filters as filters
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
-from conftest import oblique_affine
+from conftest import filter_params, oblique_affine
 from numpy.testing import assert_allclose
 from reference import (
     derivative_kernel,
@@ -275,15 +275,6 @@ def test_every_filter_runs_on_every_mode(small, tmp_path):
 # ---------------------------------------------------------------- memory order on the scipy.ndimage path
 
 
-def _plain_path_params(name, tmp_path):
-    if name == "gaussian":
-        return {"fwhm_mm": 3.0}
-    if name == "kernel":  # no symmetry: a wrong axis order shows
-        np.save(tmp_path / "k.npy", np.arange(3 * 5 * 3, dtype=float).reshape(3, 5, 3) - 20)
-        return {"kernel_file": str(tmp_path / "k.npy")}
-    return {}
-
-
 @pytest.mark.parametrize("name", list(FILTERS))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("missing", [False, True])
@@ -301,7 +292,7 @@ def test_plain_path_fortran_volume_equals_c_volume(name, mode, missing, rng, tmp
         mask = np.zeros(c.shape, bool)
         mask[1:10, 2:8, 1:6] = True
     f = np.asfortranarray(c)
-    params = _plain_path_params(name, tmp_path)
+    params = filter_params(name, tmp_path)
     axes = ["0", "1", "2", "magnitude"] if name in ("sobel", "prewitt") else [None]
     for axis in axes:
         extra = {} if axis is None else {"axis": axis}
