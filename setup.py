@@ -12,7 +12,7 @@ from setuptools import Extension, setup
 SOURCE = "pipeline/_native.c"
 # Recorded in the library: pipeline/native.py refuses a library built from another version of the
 # source (an editable checkout updated without a rebuild would otherwise call it with new arguments).
-SOURCE_SHA256 = hashlib.sha256(Path(__file__).with_name("pipeline").joinpath("_native.c").read_bytes()).hexdigest()
+SOURCE_SHA256 = hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes()).hexdigest()
 
 setup(
     ext_modules=[

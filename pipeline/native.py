@@ -30,6 +30,7 @@ import numpy as np
 from .errors import StaleKernelsError
 
 MODE_CODES = {"reflect": 0, "mirror": 1, "nearest": 2, "wrap": 3, "constant": 4}
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _candidates() -> list[str]:
@@ -42,32 +43,38 @@ def _candidates() -> list[str]:
     """
     if path := os.environ.get("VOLFILTER_NATIVE_LIB"):  # another build (the tests load a baseline-x86-64 one)
         return [path]
-    here = os.path.dirname(os.path.abspath(__file__))
     spec = importlib.util.find_spec("pipeline._native")
     own = spec.origin if spec is not None and spec.origin else None
     try:
-        names = sorted(n for n in os.listdir(here) if n.startswith("_native.") and n.endswith(".so"))
+        names = sorted(n for n in os.listdir(_HERE) if n.startswith("_native.") and n.endswith(".so"))
     except OSError:
         names = []
-    local = [os.path.join(here, n) for n in names]
-    if own and os.path.dirname(os.path.abspath(own)) == here:
+    local = [os.path.join(_HERE, n) for n in names]
+    if own and os.path.dirname(os.path.abspath(own)) == _HERE:
         return [own] + [p for p in local if p != own]
     return local + ([own] if own else [])
 
 
-def _check_source(lib, path: str) -> None:
-    """Refuse a library built from another version of ``_native.c`` than the one beside this file
-    (a checkout updated without a rebuild: the library would be called with the new arguments)."""
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.c")
-    if not os.path.exists(source):  # an installed wheel: library and code were built together
+def _source_sha256() -> str | None:
+    """SHA-256 of the ``_native.c`` beside this file; None where there is none (an installed
+    wheel whose library and code were built together)."""
+    try:
+        with open(os.path.join(_HERE, "_native.c"), "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _check_source(lib, path: str, current: str | None) -> None:
+    """Refuse a library built from another version of ``_native.c`` than ``current`` (a checkout
+    updated without a rebuild: the library would be called with the new arguments)."""
+    if current is None:
         return
     try:
         lib.vf_source_sha256.restype = ctypes.c_char_p
         built = lib.vf_source_sha256().decode()  # "" when built by hand, without setup.py
     except AttributeError:  # built before libraries recorded their source
         built = "older"
-    with open(source, "rb") as fh:
-        current = hashlib.sha256(fh.read()).hexdigest()
     if built and built != current:
         raise StaleKernelsError(
             f"{path} was built from another version of pipeline/_native.c; using scipy.ndimage instead "
@@ -78,10 +85,11 @@ def _check_source(lib, path: str) -> None:
 def _load():
     """The first candidate that loads and was built from this source (else the first reason why not)."""
     errors = []
+    current = _source_sha256()
     for path in _candidates():
         try:
             lib = ctypes.CDLL(path)
-            _check_source(lib, path)
+            _check_source(lib, path, current)
             return path, lib
         except (OSError, StaleKernelsError) as exc:
             errors.append(exc)
