@@ -2,7 +2,8 @@
 
 Errors a user can cause print one line, ``volfilter: error: ...``, on stderr
 and exit with status 2, writing nothing; anything else is a bug and keeps its
-traceback.
+traceback. Warnings (a sheared affine, stale compiled kernels) print one line,
+``volfilter: warning: ...``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from . import __version__
 from .errors import VolfilterError
@@ -208,10 +210,16 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"volfilter: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            args = build_parser().parse_args(argv)
+            COMMANDS[args.command](args)
     except VolfilterError as exc:
         print(f"volfilter: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

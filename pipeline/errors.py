@@ -12,3 +12,7 @@ class VolfilterError(Exception):
 class StaleKernelsError(ImportError):
     """The compiled kernels were built from another version of ``pipeline/_native.c`` than the one
     beside them (a checkout updated without a rebuild): they are not used."""
+
+
+class GeometryWarning(UserWarning):
+    """The header's geometry is valid but limits what a filter in mm can mean (a sheared affine)."""

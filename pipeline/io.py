@@ -33,6 +33,7 @@ import io
 import os
 import struct
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ import numpy as np
 from nibabel.fileholders import FileHolder
 
 from .backend import has_finite
-from .errors import VolfilterError
+from .errors import GeometryWarning, VolfilterError
 
 try:  # optional: ISA-L gzip, measured several times faster than zlib (bench/)
     from isal import igzip as _gzip_impl
@@ -74,14 +75,37 @@ class Volume:
         return voxel_sizes_mm(self)
 
 
+# The header's spatial unit (xyzt_units), in mm. NIfTI puts pixdim and the qform/sform in this
+# unit; "unknown" is taken as mm, as nibabel, FSL and SPM do.
+MM_PER_UNIT = {"mm": 1.0, "unknown": 1.0, "meter": 1000.0, "micron": 0.001}
+
+
 def voxel_sizes_mm(img) -> tuple[float, float, float]:
     """Voxel sizes in mm along the three array axes, from the image's affine.
 
     The affine's column norms are the physical step along each array axis, also
-    for oblique images and for sform-only headers whose pixdim disagree.
+    for oblique images and for sform-only headers whose pixdim disagree; a header
+    whose spatial unit is metres or microns is converted to mm.
     """
-    sizes = nib.affines.voxel_sizes(img.affine)[:3]
-    return tuple(float(s) for s in sizes)
+    return tuple(float(s) for s in nib.affines.voxel_sizes(_affine_mm(img))[:3])
+
+
+def _affine_mm(img) -> np.ndarray:
+    """The affine with its spatial part in mm (see :data:`MM_PER_UNIT`)."""
+    scaled = np.array(img.affine, dtype=np.float64)
+    scaled[:3] *= MM_PER_UNIT.get(img.header.get_xyzt_units()[0], 1.0)
+    return scaled
+
+
+SHEAR_TOLERANCE_DEG = 0.1  # a float32 sform of an orthogonal grid is off by ~1e-5 degrees
+
+
+def shear_degrees(affine) -> float:
+    """How far the array axes are from orthogonal in world space: the largest |90° - angle| of a pair."""
+    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = cols / np.linalg.norm(cols, axis=0)
+    cosines = [abs(float(unit[:, a] @ unit[:, b])) for a, b in ((0, 1), (0, 2), (1, 2))]
+    return float(np.degrees(np.arcsin(min(1.0, max(cosines)))))
 
 
 def nifti_extension(path: str) -> str:
@@ -160,6 +184,15 @@ def _check_header(img, path: str, file_size: int, is_gz: bool, gz_isize: int | N
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolfilterError(f"{path}: the affine is singular or not finite; fix the qform/sform")
+    shear = shear_degrees(affine)
+    if shear > SHEAR_TOLERANCE_DEG:
+        warnings.warn(
+            f"{path}: the affine is sheared (array axes {shear:.1f} degrees from orthogonal); filters run along "
+            f"the array axes with voxel sizes {tuple(round(v, 3) for v in voxel_sizes_mm(img))} mm, so a "
+            "Gaussian's FWHM holds along each axis but the kernel is not isotropic in world space",
+            GeometryWarning,
+            stacklevel=2,
+        )
     dtype = hdr.get_data_dtype()
     if dtype.kind not in "iuf" or dtype.fields is not None:
         raise VolfilterError(f"{path}: data type {dtype} is not supported (integer or real float data only)")
@@ -356,7 +389,7 @@ def load_mask(path, reference: nib.Nifti1Image) -> np.ndarray:
     """Load a mask aligned with ``reference``: True where non-zero and finite.
 
     ``reference`` is a :class:`Volume` or a nibabel image. The mask must have
-    its spatial shape and affine (to 1e-3 mm);
+    its spatial shape and affine (to 1e-3 mm, each in its header's unit);
     anything else is a :class:`VolfilterError`.
     """
     vol = load(path)
@@ -366,7 +399,7 @@ def load_mask(path, reference: nib.Nifti1Image) -> np.ndarray:
     ref_shape = tuple(reference.header.get_data_shape()[:3])
     if data.ndim != 3 or data.shape != ref_shape:
         raise VolfilterError(f"mask {path}: shape {data.shape} does not match the image's {ref_shape}")
-    if not np.allclose(vol.affine, reference.affine, atol=1e-3):
+    if not np.allclose(_affine_mm(vol), _affine_mm(reference), atol=1e-3):
         raise VolfilterError(
             f"mask {path}: its affine (orientation/position) differs from the image's; resample the mask first"
         )

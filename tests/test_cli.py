@@ -130,3 +130,14 @@ def test_help_and_version(capsys):
         with pytest.raises(SystemExit) as exc:
             main(cmd)
         assert exc.value.code == 0
+
+
+def test_warning_is_one_line_and_the_output_is_written(tmp_path, capsys):
+    sheared = np.eye(4)
+    sheared[0, 2] = 0.5
+    nib.Nifti1Image(np.ones((6, 6, 6), np.float32), sheared).to_filename(tmp_path / "sheared.nii")
+    rc, _, err = run_cli(capsys, "apply", tmp_path / "sheared.nii", tmp_path / "out.nii", "--filter", "gaussian",
+                         "--fwhm-mm", 2, "--backend", "cpu")  # fmt: skip
+    assert rc == 0, err
+    assert err.startswith("volfilter: warning: ") and err.count("\n") == 1 and "sheared" in err, err
+    assert (tmp_path / "out.nii").exists()

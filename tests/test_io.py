@@ -2,15 +2,18 @@
 
 import gzip
 import os
+import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 from conftest import oblique_affine
 from numpy.testing import assert_allclose, assert_array_equal
 
 from pipeline import VolfilterError, filter_image
 from pipeline import io as vio
+from pipeline.errors import GeometryWarning
 
 GEOMETRY = ["qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
             "qoffset_z", "srow_x", "srow_y", "srow_z", "pixdim", "xyzt_units", "intent_code", "intent_p1",
@@ -108,6 +111,42 @@ def test_intent_and_units_kept(tmp_path):
 def test_voxel_sizes_come_from_the_affine(tmp_path):
     aff = oblique_affine((1.0, 2.0, 3.0))
     assert vio.voxel_sizes_mm(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), aff)) == pytest.approx((1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "unit, step, mm", [("micron", 100.0, 0.1), ("meter", 0.002, 2.0), ("mm", 2.0, 2.0), ("unknown", 2.0, 2.0)]
+)
+def test_voxel_sizes_follow_the_header_unit(tmp_path, unit, step, mm):
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.diag([step, step, 2 * step, 1]))
+    img.header.set_xyzt_units(unit, "sec")
+    img.to_filename(tmp_path / "u.nii")
+    assert vio.load(tmp_path / "u.nii").voxel_mm == pytest.approx((mm, mm, 2 * mm))
+
+
+def test_fwhm_in_mm_on_a_micron_header(tmp_path, rng):
+    """A 100 um grid (ex vivo): FWHM 0.3 mm is 3 voxels, against scipy.ndimage; the unit is kept."""
+    x = rng.normal(size=(24, 20, 16)).astype(np.float32)
+    img = nib.Nifti1Image(x, np.diag([100.0, 100.0, 200.0, 1]))
+    img.header.set_xyzt_units("micron", "sec")
+    img.to_filename(tmp_path / "exvivo.nii.gz")
+    out = filter_image(tmp_path / "exvivo.nii.gz", "gaussian", fwhm_mm=0.3, backend="cpu")
+    sigma_mm = 0.3 / np.sqrt(8 * np.log(2))
+    ref = ndi.gaussian_filter(x, (sigma_mm / 0.1, sigma_mm / 0.1, sigma_mm / 0.2), mode="reflect")
+    assert_allclose(out.get_fdata(), ref, rtol=1e-5, atol=1e-6)
+    assert out.header.get_xyzt_units() == ("micron", "sec")
+
+
+def test_sheared_affine_warns_and_orthogonal_oblique_does_not(tmp_path):
+    oblique = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), oblique_affine((1.0, 2.0, 3.0)))
+    oblique.to_filename(tmp_path / "oblique.nii.gz")  # sform stored in float32: not exactly orthogonal
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.2  # the second array axis leans 11.3 degrees towards the first
+    nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), sheared).to_filename(tmp_path / "sheared.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vio.load(tmp_path / "oblique.nii.gz")
+    with pytest.warns(GeometryWarning, match=r"sheared \(array axes 11\.3 degrees"):
+        vio.load(tmp_path / "sheared.nii.gz")
 
 
 def test_gzip_output_is_deterministic_and_standard(nib_data, tmp_path):
@@ -277,6 +316,17 @@ def test_mask_shape_and_orientation_checked(tmp_path, write_nifti):
         vio.load_mask(write_nifti(np.ones((4, 5, 7), np.uint8), "m1.nii"), ref)
     with pytest.raises(VolfilterError, match="affine"):
         vio.load_mask(write_nifti(np.ones((4, 5, 6), np.uint8), "m2.nii", affine=np.diag([-1, 1, 1, 1])), ref)
+
+
+def test_mask_geometry_compared_in_mm_across_units(tmp_path, write_nifti):
+    ref = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([2.0, 2.0, 2.0, 1]))
+    ref.header.set_xyzt_units("mm")
+    same = np.diag([0.002, 0.002, 0.002, 1])  # the same grid, in metres (xyzt_units 1)
+    assert vio.load_mask(write_nifti(np.ones((4, 5, 6), np.uint8), "m.nii", affine=same, xyzt_units=1), ref).all()
+    shifted = same.copy()
+    shifted[0, 3] = 0.0005  # half a millimetre: far below 1e-3 in metres, far above it in mm
+    with pytest.raises(VolfilterError, match="affine"):
+        vio.load_mask(write_nifti(np.ones((4, 5, 6), np.uint8), "m3.nii", affine=shifted, xyzt_units=1), ref)
 
 
 def test_filter_image_accepts_image_and_path(nib_data):
