@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class InputVolume:
     suffix: str  # e.g. "_T1w"; "" for plain folders
     subject: str = ""
     session: str = ""
+    root: str = ""  # the BIDS dataset root; "" for a plain folder
 
     @property
     def key(self) -> str:
@@ -86,7 +88,75 @@ def parse_bids_path(relpath: str, root: str = "") -> InputVolume | None:
     name = "_".join(f"{k}-{v}" for k, v in entities if k != "desc")
     base = "/".join(parts[:-1]) + "/" + name
     path = os.path.join(root, *parts) if root else relpath
-    return InputVolume(path=path, base=base, suffix="_" + fields[-1], subject=ent["sub"], session=ent.get("ses", ""))
+    return InputVolume(
+        path=path, base=base, suffix="_" + fields[-1], subject=ent["sub"], session=ent.get("ses", ""), root=root
+    )
+
+
+def _entities_and_suffix(stem: str):
+    """``({key: label}, suffix)`` of a BIDS file name without extension, or None if it is not one."""
+    fields = stem.split("_")
+    if not _SUFFIX.match(fields[-1]):
+        return None
+    entities = {}
+    for field in fields[:-1]:
+        m = _ENTITY.match(field)
+        if not m or m.group(1) in entities:
+            return None
+        entities[m.group(1)] = m.group(2)
+    return entities, fields[-1]
+
+
+def applicable_sidecars(path: str, root: str, candidates) -> list[str]:
+    """Of the JSON files ``candidates``, those that apply to the data file ``path`` of the BIDS
+    dataset at ``root``, from the least specific to the most specific (the order to merge them in).
+
+    BIDS inheritance principle: a sidecar applies when it has the data file's suffix and a subset
+    of its entities, in the data file's folder or a folder above it up to the root; nearer folders,
+    then more entities, are more specific.
+    """
+    parts = os.path.relpath(path, root).split(os.sep)
+    if parts[0] == os.pardir:
+        raise VolfilterError(f"{path}: not inside the BIDS dataset {root}")
+    parsed = _entities_and_suffix(NIFTI_RE.sub("", parts[-1]))
+    if parsed is None:
+        return []
+    entities, suffix = parsed
+    ranked = []
+    for cand in candidates:
+        folder = os.path.relpath(os.path.dirname(cand), root).split(os.sep)
+        folder = [] if folder == [os.curdir] else folder
+        name = os.path.basename(cand)
+        side = _entities_and_suffix(name[: -len(".json")]) if name.endswith(".json") else None
+        if side and side[1] == suffix and side[0].items() <= entities.items() and folder == parts[: len(folder)]:
+            ranked.append((len(folder), len(side[0]), cand))
+    return [c for *_, c in sorted(ranked)]
+
+
+def metadata_files(path: str, root: str) -> list[str]:
+    """The JSON sidecars on disk that apply to ``path`` (:func:`applicable_sidecars`)."""
+    parts = os.path.relpath(path, root).split(os.sep)
+    candidates = []
+    for depth in range(len(parts)):
+        folder = os.path.join(root, *parts[:depth])
+        if os.path.isdir(folder):
+            candidates += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".json")]
+    return applicable_sidecars(path, root, candidates)
+
+
+def inherited_metadata(path: str, root: str) -> dict:
+    """The metadata of a BIDS data file: :func:`metadata_files` merged, the nearer file winning."""
+    merged = {}
+    for side in metadata_files(path, root):
+        try:
+            with open(side, encoding="utf-8") as fh:
+                meta = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise VolfilterError(f"{side}: not a readable JSON sidecar ({exc})") from None
+        if not isinstance(meta, dict):
+            raise VolfilterError(f"{side}: a JSON sidecar must hold an object, not {type(meta).__name__}")
+        merged.update(meta)
+    return merged
 
 
 def is_bids_root(path: str) -> bool:

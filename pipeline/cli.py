@@ -34,6 +34,9 @@ def _add_common(p):
     p.add_argument("--mode", choices=MODES, default="reflect", help="border handling (default reflect)")
     p.add_argument("--mask", metavar="MASK", help="filter within this mask (.nii/.nii.gz); voxels outside become 0")
     p.add_argument("--no-sidecar", action="store_true", help="do not write the JSON provenance sidecar")
+    p.add_argument("--bids-root", metavar="DIR", default=None,
+                   help="the BIDS dataset INPUT is in: the sidecar carries INPUT's metadata (BIDS inheritance) "
+                        "and names it by a bids:raw: URI")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the filters (default: all cores); results do not depend on it")  # fmt: skip
 
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dp = sub.add_parser("dataset-description", help="write a BIDS-derivatives dataset_description.json")
     dp.add_argument("path", metavar="PATH")
+    dp.add_argument("--source-dataset", metavar="DIR", default=None,
+                    help="the input BIDS dataset: linked as 'raw' (DatasetLinks, relative to PATH's folder)")  # fmt: skip
     return parser
 
 
@@ -123,7 +128,7 @@ def _cmd_apply(args):
         raise VolfilterError(f"filter {args.filter!r} does not take {opts}; see 'volfilter filters'")
     job = FilterJob(args.filter, params, args.output)
     filter_file(args.input, [job], backend=args.backend, mode=args.mode, mask_path=args.mask,
-                sidecars=not args.no_sidecar)  # fmt: skip
+                sidecars=not args.no_sidecar, bids_root=args.bids_root)  # fmt: skip
 
 
 def parse_filter_specs(text: str) -> dict:
@@ -153,7 +158,7 @@ def _cmd_batch(args):
         params = {k: v for k, v in specs[name].items() if k != "kind"}
         jobs.append(FilterJob(specs[name]["kind"], params, path))
     filter_file(args.input, jobs, backend=args.backend, mode=args.mode, mask_path=args.mask,
-                sidecars=not args.no_sidecar)  # fmt: skip
+                sidecars=not args.no_sidecar, bids_root=args.bids_root)  # fmt: skip
 
 
 def _pairs(items, option):
@@ -196,7 +201,11 @@ def _cmd_example(args):
 def _cmd_dataset_description(args):
     from .provenance import dataset_description, write_json
 
-    write_json(args.path, dataset_description())
+    link = None
+    if args.source_dataset is not None:
+        here = os.path.dirname(os.path.abspath(args.path))
+        link = os.path.relpath(os.path.abspath(args.source_dataset), here).replace(os.sep, "/")
+    write_json(args.path, dataset_description(source_link=link))
 
 
 COMMANDS = {

@@ -26,6 +26,15 @@ EXAMPLE_FILES = {
     "sub-01/func/sub-01_task-rest_bold.nii.gz": "example4d.nii.gz",
 }
 
+# The example's JSON sidecars: a top-level one that every rest series inherits (BIDS inheritance
+# principle) and the files' own. example4d.nii.gz's header stores pixdim[4] = 2000 with the time unit
+# "sec" (milliseconds, by its size); its sidecar gives the TR as BIDS wants it, in seconds.
+EXAMPLE_SIDECARS = {
+    "task-rest_bold.json": {"TaskName": "rest"},
+    "sub-01/anat/sub-01_T1w.json": {"Description": "nibabel anatomical.nii"},
+    "sub-01/func/sub-01_task-rest_bold.json": {"RepetitionTime": 2.0},
+}
+
 
 def nibabel_data_file(name: str):
     """Path-like to one of nibabel's bundled test images."""
@@ -56,8 +65,7 @@ def write_example_dataset(dest) -> list[str]:
             "BIDSVersion": "1.10.0",
             "DatasetType": "raw",
         },
-        "sub-01/anat/sub-01_T1w.json": {"Description": "nibabel anatomical.nii"},
-        "sub-01/func/sub-01_task-rest_bold.json": {"RepetitionTime": 2.0, "TaskName": "rest"},
+        **EXAMPLE_SIDECARS,
     }
     for rel, content in meta.items():
         text = json.dumps(content, indent=2) + "\n"

@@ -84,8 +84,11 @@ def _mask_array(mask, reference):
     return _mask_array(np.isfinite(mdata) & (mdata != 0), reference)
 
 
-def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=None, sidecars=True):
+def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=None, sidecars=True, bids_root=None):
     """Read ``input_path`` once, volume by volume, and write every job's output (and JSON sidecar).
+
+    ``bids_root``: the BIDS dataset ``input_path`` belongs to; the sidecars then carry its
+    metadata and name it by a BIDS URI (:func:`pipeline.provenance.filter_sidecar`).
 
     A 4-D series is streamed: memory holds one input volume and one output
     volume per job, not the series. On the GPU each volume is uploaded once
@@ -106,6 +109,7 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
             raise VolfilterError(f"{job.output}: output would overwrite the input; choose another name")
         checked.append((job, check_params(job.kind, dict(job.params))))
     be = backends.resolve(backend)
+    source = provenance.source_metadata(input_path, bids_root) if sidecars else None  # a bad sidecar fails here
     with contextlib.ExitStack() as hashing:
         # The sidecars' checksums are computed on a second core while the input is decompressed
         # (single-threaded): ~45 ms per 50 MB file that the job no longer waits for.
@@ -114,7 +118,8 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
         mask_sha = pool.submit(provenance.sha256, mask_path) if pool and mask_path else None
         _filter_stream(input_path, checked, be, mode, mask_path)
         if pool:
-            _write_sidecars(input_path, checked, be, mode, mask_path, in_sha.result(), mask_sha and mask_sha.result())
+            shas = in_sha.result(), mask_sha and mask_sha.result()
+            _write_sidecars(input_path, checked, be, mode, mask_path, *shas, source)
     return be.name
 
 
@@ -137,7 +142,7 @@ def _filter_stream(input_path, checked, be, mode, mask_path):
             raise VolfilterError(f"{input_path}: every voxel is NaN or infinite; there is nothing to filter")
 
 
-def _write_sidecars(input_path, checked, be, mode, mask_path, in_sha, mask_sha):
+def _write_sidecars(input_path, checked, be, mode, mask_path, in_sha, mask_sha, source):
     for job, params in checked:
         meta = provenance.filter_sidecar(
             input_path=input_path,
@@ -148,5 +153,6 @@ def _write_sidecars(input_path, checked, be, mode, mask_path, in_sha, mask_sha):
             backend=be.name,
             mask_path=mask_path,
             mask_sha256=mask_sha,
+            source=source,
         )
         provenance.write_json(provenance.sidecar_path(job.output), meta)

@@ -8,6 +8,7 @@ import os
 import platform
 
 from . import __version__
+from .errors import VolfilterError
 from .io import atomic_write
 
 
@@ -62,14 +63,41 @@ def write_json(path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def filter_sidecar(*, input_path, input_sha256, kind, params, mode, backend, mask_path=None, mask_sha256=None):
+SOURCE_DATASET = "raw"  # the name under which dataset_description.json links the input BIDS dataset
+
+
+def source_metadata(input_path, bids_root=None) -> tuple[dict, str]:
+    """``(metadata, source)`` of an input for its derivatives' sidecars.
+
+    With ``bids_root`` (the input's BIDS dataset): the input's own metadata, its sidecars merged
+    by the BIDS inheritance principle (RepetitionTime, TaskName, EchoTime... stay true of a
+    spatially filtered volume), and a BIDS URI into that dataset. Otherwise no metadata and the
+    input's file name.
+    """
+    from .bids import inherited_metadata
+
+    input_path = os.fspath(input_path)
+    if bids_root is None:
+        return {}, os.path.basename(input_path)
+    if not os.path.isdir(bids_root):
+        raise VolfilterError(f"--bids-root {bids_root}: not a folder")
+    rel = os.path.relpath(input_path, bids_root).replace(os.sep, "/")
+    return inherited_metadata(input_path, os.fspath(bids_root)), f"bids:{SOURCE_DATASET}:{rel}"
+
+
+def filter_sidecar(
+    *, input_path, input_sha256, kind, params, mode, backend, mask_path=None, mask_sha256=None, source=None
+):
     """The sidecar of one derived volume: enough to redo it exactly.
 
-    It holds no timestamp and no host name, so reruns produce identical bytes.
+    ``source``: :func:`source_metadata`'s pair; the input's metadata comes first, volfilter's
+    keys override it. It holds no timestamp and no host name, so reruns produce identical bytes.
     """
+    inherited, source = source or source_metadata(input_path)
     payload = {
+        **inherited,
         "Description": f"{kind} filter applied by volfilter",
-        "Sources": [os.path.basename(os.fspath(input_path))],
+        "Sources": [source],
         "InputSHA256": input_sha256,
         "Filter": {"kind": kind, **{k: v for k, v in sorted(params.items())}},
         "BorderMode": mode,
@@ -81,9 +109,15 @@ def filter_sidecar(*, input_path, input_sha256, kind, params, mode, backend, mas
     return payload
 
 
-def dataset_description(name: str = "volfilter") -> dict:
-    """``dataset_description.json`` for a BIDS-derivatives folder."""
+def dataset_description(name: str = "volfilter", source_link: str | None = None) -> dict:
+    """``dataset_description.json`` for a BIDS-derivatives folder.
+
+    ``source_link``: where the input BIDS dataset is, relative to this folder (or a URI); it
+    resolves the ``bids:raw:...`` URIs of the sidecars' ``Sources``.
+    """
+    links = {} if source_link is None else {"DatasetLinks": {SOURCE_DATASET: source_link}}
     return {
+        **links,
         "Name": f"{name} derivatives",
         "BIDSVersion": "1.10.0",
         "DatasetType": "derivative",

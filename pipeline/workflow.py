@@ -75,6 +75,19 @@ def find_inputs(config: dict, example_dir: str):
     return volumes, skipped
 
 
+def metadata_files(vol, example: bool) -> list[str]:
+    """The BIDS sidecars that apply to ``vol`` ([] for a plain folder): those on disk, or for the
+    bundled example those that its first rule writes (known before it runs)."""
+    if not vol.root:
+        return []
+    if example:
+        from .example import EXAMPLE_SIDECARS
+
+        candidates = [os.path.join(vol.root, *rel.split("/")) for rel in EXAMPLE_SIDECARS]
+        return bids.applicable_sidecars(vol.path, vol.root, candidates)
+    return bids.metadata_files(vol.path, vol.root)
+
+
 def _shape(path: str):
     """The image shape from ``path``'s header, or None when it is not there yet (made by an
     upstream rule) or unreadable (the job will say why)."""

@@ -9,7 +9,7 @@ sys.path.insert(0, workflow.basedir)  # the pipeline package of this very checko
 
 from pipeline import VolfilterError
 from pipeline import workflow as wf
-from pipeline.example import EXAMPLE_FILES
+from pipeline.example import EXAMPLE_FILES, EXAMPLE_SIDECARS
 
 _own_filters = wf.filters_from_configfiles(workflow.config_settings.configfiles)
 if _own_filters is not None:
@@ -59,6 +59,20 @@ def volume(wildcards):
 
 def input_image(wildcards):
     return volume(wildcards).path
+
+
+def bids_root_arg(wildcards):
+    """--bids-root for a volume of a BIDS dataset (its sidecars then carry the input's metadata)."""
+    root = volume(wildcards).root
+    return shlex.quote(f"--bids-root={root}") if root else ""
+
+
+def input_sidecars(wildcards):
+    """The input's BIDS JSON sidecars: editing one reruns its volume's filter job."""
+    return wf.metadata_files(volume(wildcards), config["input_dir"] == wf.EXAMPLE)
+
+
+SOURCE_ROOTS = sorted({v.root for v in VOLUMES if v.root})
 
 
 def example_root(wildcards, output):

@@ -1,6 +1,6 @@
 rule example_dataset:
     output:
-        [os.path.join(EXAMPLE_DIR, rel) for rel in EXAMPLE_FILES],
+        [os.path.join(EXAMPLE_DIR, rel) for rel in [*EXAMPLE_FILES, *EXAMPLE_SIDECARS]],
     log:
         os.path.join("resources", "logs", "example_dataset.log"),
     conda:
@@ -20,6 +20,7 @@ rule filter_volume:
     input:
         img=input_image,
         kernels=KERNEL_FILES,
+        sidecars=input_sidecars,
     output:
         volumes=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}{ext}"), name=FILTER_NAMES, ext=NII),
         sidecars=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}.json"), name=FILTER_NAMES),
@@ -43,8 +44,9 @@ rule filter_volume:
         outputs=output_args,
         backend=config["backend"],
         mode=config["mode"],
+        bids_root=bids_root_arg,
     shell:
-        "{params.cli} batch {input.img:q} --filters-json {params.filters:q} {params.outputs}"
+        "{params.cli} batch {input.img:q} --filters-json {params.filters:q} {params.outputs} {params.bids_root}"
         " --backend {params.backend} --mode {params.mode} --threads {threads} > {log:q} 2>&1"
 
 
@@ -61,5 +63,6 @@ rule dataset_description:
         runtime=5,
     params:
         cli=VOLFILTER,
+        source=" ".join(shlex.quote(f"--source-dataset={root}") for root in SOURCE_ROOTS),
     shell:
-        "{params.cli} dataset-description {output:q} > {log:q} 2>&1"
+        "{params.cli} dataset-description {output:q} {params.source} > {log:q} 2>&1"

@@ -1,9 +1,11 @@
-"""Strict BIDS and plain-folder input discovery."""
+"""Strict BIDS and plain-folder input discovery, and the BIDS inheritance of sidecar metadata."""
+
+import json
 
 import pytest
 
 from pipeline import VolfilterError
-from pipeline.bids import discover, parse_bids_path
+from pipeline.bids import applicable_sidecars, discover, inherited_metadata, metadata_files, parse_bids_path
 
 
 @pytest.mark.parametrize(
@@ -72,3 +74,51 @@ def test_collisions_are_refused(tmp_path):
     _touch(tmp_path / "a.nii.gz")
     with pytest.raises(VolfilterError, match="same output names"):
         discover(str(tmp_path))
+
+
+def write_json(path, payload):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def test_sidecar_metadata_follows_the_inheritance_principle(tmp_path):
+    data = tmp_path / "sub-01/ses-1/func/sub-01_ses-1_task-rest_run-1_bold.nii.gz"
+    data.parent.mkdir(parents=True)
+    data.write_bytes(b"")
+    applies = {
+        "task-rest_bold.json": {"TaskName": "rest", "RepetitionTime": 3.0, "EchoTime": 0.03},
+        "sub-01/sub-01_bold.json": {"EchoTime": 0.035, "FlipAngle": 70},
+        "sub-01/ses-1/func/sub-01_ses-1_task-rest_bold.json": {"RepetitionTime": 2.5},
+        "sub-01/ses-1/func/sub-01_ses-1_task-rest_run-1_bold.json": {"SliceTiming": [0.0, 1.0]},
+    }
+    does_not = {
+        "task-other_bold.json": {"TaskName": "other"},  # another task
+        "T1w.json": {"RepetitionTime": 9.0},  # another suffix
+        "sub-01/ses-1/func/sub-01_ses-1_task-rest_run-2_bold.json": {"RepetitionTime": 7.0},  # another run
+        "sub-02/sub-02_bold.json": {"FlipAngle": 90},  # another subject's folder
+        "sub-01/ses-1/anat/sub-01_ses-1_bold.json": {"FlipAngle": 10},  # not on the way to the file
+        "sub-01/ses-1/func/sub-01_ses-1_task-rest_bold_notes.json": {"FlipAngle": 1},  # not a BIDS name
+    }
+    for rel, meta in {**applies, **does_not}.items():
+        write_json(tmp_path / rel, meta)
+    found = metadata_files(str(data), str(tmp_path))
+    assert found == [str(tmp_path / rel) for rel in applies]  # least specific first
+    assert inherited_metadata(str(data), str(tmp_path)) == {
+        "TaskName": "rest", "RepetitionTime": 2.5, "EchoTime": 0.035, "FlipAngle": 70, "SliceTiming": [0.0, 1.0],
+    }  # fmt: skip
+    # The same choice from names alone (the bundled example's sidecars, before they are written).
+    names = [str(tmp_path / rel) for rel in [*does_not, *reversed(list(applies))]]
+    assert applicable_sidecars(str(data), str(tmp_path), names) == found
+
+
+def test_bad_sidecar_and_outside_file_are_one_line_errors(tmp_path):
+    data = tmp_path / "sub-01/anat/sub-01_T1w.nii.gz"
+    data.parent.mkdir(parents=True)
+    (tmp_path / "T1w.json").write_text("{not json")
+    with pytest.raises(VolfilterError, match="T1w.json: not a readable JSON sidecar"):
+        inherited_metadata(str(data), str(tmp_path))
+    (tmp_path / "T1w.json").write_text("[1, 2]")
+    with pytest.raises(VolfilterError, match="must hold an object"):
+        inherited_metadata(str(data), str(tmp_path))
+    with pytest.raises(VolfilterError, match="not inside the BIDS dataset"):
+        inherited_metadata(str(tmp_path.parent / "x_T1w.nii.gz"), str(tmp_path))

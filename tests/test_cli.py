@@ -141,3 +141,22 @@ def test_warning_is_one_line_and_the_output_is_written(tmp_path, capsys):
     assert rc == 0, err
     assert err.startswith("volfilter: warning: ") and err.count("\n") == 1 and "sheared" in err, err
     assert (tmp_path / "out.nii").exists()
+
+
+def test_bids_root_sidecar_and_bad_metadata_writes_nothing(tmp_path, capsys):
+    root = tmp_path / "bids"
+    (root / "sub-01/func").mkdir(parents=True)
+    src = root / "sub-01/func/sub-01_task-rest_bold.nii.gz"
+    nib.Nifti1Image(np.ones((6, 6, 6, 2), np.float32), np.eye(4)).to_filename(src)
+    (root / "task-rest_bold.json").write_text('{"TaskName": "rest", "RepetitionTime": 2.0}')
+    out = tmp_path / "sub-01_task-rest_desc-s_bold.nii.gz"
+    rc, _, err = run_cli(capsys, "apply", src, out, "--filter", "gaussian", "--fwhm-mm", 2, "--bids-root", root)
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "sub-01_task-rest_desc-s_bold.json").read_text())
+    assert meta["TaskName"] == "rest" and meta["RepetitionTime"] == 2.0
+    assert meta["Sources"] == ["bids:raw:sub-01/func/sub-01_task-rest_bold.nii.gz"]
+    (root / "task-rest_bold.json").write_text('{"TaskName": ')
+    out2 = tmp_path / "again.nii.gz"
+    rc, _, err = run_cli(capsys, "apply", src, out2, "--filter", "gaussian", "--fwhm-mm", 2, "--bids-root", root)
+    assert_one_line_error(rc, err, "task-rest_bold.json: not a readable JSON sidecar")
+    assert not out2.exists() and not (tmp_path / "again.json").exists()

@@ -56,6 +56,9 @@ def make_bids(root, rng):
     (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.10.0"}')
     (root / "README").write_text("tiny")
     (root / "sub-02/anat/sub-02_T1w.json").write_text("{}")
+    # BIDS inheritance: the top-level file applies to every rest series, the series' own file wins.
+    (root / "task-rest_bold.json").write_text('{"TaskName": "rest", "RepetitionTime": 3.0}')
+    (root / "sub-01/ses-pre/func/sub-01_ses-pre_task-rest_bold.json").write_text('{"RepetitionTime": 2.5}')
     return imgs
 
 
@@ -96,8 +99,15 @@ def test_bids_derivatives_and_sidecars(bids_run):
             meta = json.loads((out / (pattern.format(name) + ".json")).read_text())
             assert meta["Filter"]["kind"] == spec["kind"] and meta["Backend"] == "cpu"
             assert len(meta["InputSHA256"]) == 64
+            assert meta["Sources"] == [f"bids:raw:{rel_in}"]
+            if rel_in.endswith("_bold.nii.gz"):  # the input's metadata, merged by BIDS inheritance
+                assert meta["TaskName"] == "rest" and meta["RepetitionTime"] == 2.5
+            else:
+                assert "TaskName" not in meta and "RepetitionTime" not in meta
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "volfilter"
+    # The bids:raw: URIs resolve through DatasetLinks, relative to the derivatives folder.
+    assert (out / desc["DatasetLinks"]["raw"]).resolve() == src.resolve()
     # Only images were treated as inputs: no derivative of the JSON sidecar or README.
     made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz"))
     assert len(made) == 3 * len(FILTERS)
@@ -119,6 +129,12 @@ def test_noop_rerun_and_param_change(bids_run):
     snakemake(tmp_path, changed)
     meta = json.loads((out / "sub-02/anat/sub-02_desc-smooth4_T1w.json").read_text())
     assert meta["Filter"]["fwhm_mm"] == 5
+    # Editing an input's sidecar reruns that volume's job, which carries the new metadata.
+    (src / "sub-02/anat/sub-02_T1w.json").write_text('{"EchoTime": 0.005}')
+    dry = snakemake(tmp_path, changed, "-n")
+    assert "filter_volume" in dry.stdout + dry.stderr
+    snakemake(tmp_path, changed)
+    assert json.loads((out / "sub-02/anat/sub-02_desc-edges_T1w.json").read_text())["EchoTime"] == 0.005
 
 
 def test_plain_folder(tmp_path, rng):
