@@ -88,7 +88,7 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
     """Read ``input_path`` once, volume by volume, and write every job's output (and JSON sidecar).
 
     ``bids_root``: the BIDS dataset ``input_path`` belongs to; the sidecars then carry its
-    metadata and name it by a BIDS URI (:func:`pipeline.provenance.filter_sidecar`).
+    metadata and name it by a BIDS URI (:func:`pipeline.provenance.source_metadata`).
 
     A 4-D series is streamed: memory holds one input volume and one output
     volume per job, not the series. On the GPU each volume is uploaded once
