@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Everything a short GPU-machine session should measure, in one command, from the repo root:
+# the device and CuPy, the GPU tests, then the GPU sections of bench/bench.py (device kernels
+# against cupyx.scipy.ndimage, transfers, cold/warm kernel cache, fresh-process and in-process
+# CPU vs GPU on the same host). Results go to $OUT (or bench/), each step under its own time limit
+# so that one hang does not take the rest. The compiled CPU kernels are used when a
+# pipeline/_native*.so built on any CPython is beside the package (carry it along).
+set -u
+out=${OUT:-bench}
+mkdir -p "$out"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import cupy, numpy, scipy; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'scipy', scipy.__version__)"
+  python3 -c "from pipeline.backend import cpu_kernels; print('compiled CPU kernels:', cpu_kernels() is not None)"
+} 2>&1 | tee "$out/gpu-device.txt"
+timeout "${TESTS_S:-240}" python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log" | tail -5
+timeout "${BENCH_S:-300}" python3 bench/bench.py --gpu-only --batch "${BATCH:-2}" 2>&1 | tee "$out/gpu-bench.txt"
