@@ -75,6 +75,27 @@ def find_inputs(config: dict, example_dir: str):
     return volumes, skipped
 
 
+MASK_FIELDS = ("base", "suffix", "subject", "session")
+
+
+def mask_for(config: dict, vol) -> str | None:
+    """The mask ``vol`` is filtered within (config key ``mask``), or None.
+
+    ``mask`` is one file for every volume (data in a common space), or a pattern with ``{base}``
+    (the input's path relative to ``input_dir`` without extension, suffix and desc entity, e.g.
+    ``sub-01/anat/sub-01``; a plain file's stem), ``{suffix}`` (``_T1w``; empty for plain folders),
+    ``{subject}`` and ``{session}``: ``/data/fmriprep/{base}_desc-brain_mask.nii.gz``.
+    """
+    pattern = config.get("mask")
+    if not pattern:
+        return None
+    try:
+        return pattern.format(**{f: getattr(vol, f) for f in MASK_FIELDS})
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        fields = ", ".join("{" + f + "}" for f in MASK_FIELDS)
+        raise VolfilterError(f"config key mask: {pattern!r} is not a valid pattern ({exc!r}); it may use {fields}") from None
+
+
 def metadata_files(vol, example: bool) -> list[str]:
     """The BIDS sidecars that apply to ``vol`` ([] for a plain folder): those on disk, or for the
     bundled example those that its first rule writes (known before it runs)."""

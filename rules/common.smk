@@ -19,6 +19,7 @@ validate(config, schema="../config/schema.yaml")
 try:
     FILTERS_JSON = wf.filters_json(config["filters"])
     VOLUMES, SKIPPED = wf.find_inputs(config, os.path.join("resources", "example_bids"))
+    MASKS = {v.key: wf.mask_for(config, v) for v in VOLUMES}
 except VolfilterError as exc:
     raise WorkflowError(f"invalid config: {exc}")
 
@@ -59,6 +60,17 @@ def volume(wildcards):
 
 def input_image(wildcards):
     return volume(wildcards).path
+
+
+def mask_input(wildcards):
+    """The volume's mask (config key mask), if any: a missing one stops the run before any job."""
+    mask = MASKS[volume(wildcards).key]
+    return [mask] if mask else []
+
+
+def mask_arg(wildcards):
+    mask = MASKS[volume(wildcards).key]
+    return shlex.quote(f"--mask={mask}") if mask else ""
 
 
 def bids_root_arg(wildcards):

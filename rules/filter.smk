@@ -21,6 +21,7 @@ rule filter_volume:
         img=input_image,
         kernels=KERNEL_FILES,
         sidecars=input_sidecars,
+        mask=mask_input,
     output:
         volumes=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}{ext}"), name=FILTER_NAMES, ext=NII),
         sidecars=expand(os.path.join(OUT, "{{base}}_desc-{name}{{suffix}}.json"), name=FILTER_NAMES),
@@ -45,8 +46,10 @@ rule filter_volume:
         backend=config["backend"],
         mode=config["mode"],
         bids_root=bids_root_arg,
+        mask=mask_arg,
     shell:
         "{params.cli} batch {input.img:q} --filters-json {params.filters:q} {params.outputs} {params.bids_root}"
+        " {params.mask}"
         " --backend {params.backend} --mode {params.mode} --threads {threads} > {log:q} 2>&1"
 
 

@@ -13,6 +13,7 @@ import yaml
 from numpy.testing import assert_allclose
 
 from pipeline import filter_image
+from pipeline.bids import parse_bids_path
 
 pytestmark = pytest.mark.workflow
 
@@ -137,6 +138,40 @@ def test_noop_rerun_and_param_change(bids_run):
     assert json.loads((out / "sub-02/anat/sub-02_desc-edges_T1w.json").read_text())["EchoTime"] == 0.005
 
 
+def test_masks_from_a_pattern(tmp_path, rng):
+    """config mask with {base}: each volume filtered within its own mask; a missing one stops the run."""
+    src = tmp_path / "bids"
+    imgs = make_bids(src, rng)
+    masks = tmp_path / "masks"
+    pattern = str(masks / "{base}_desc-brain_mask.nii.gz")
+    for rel, data in imgs.items():
+        vol = parse_bids_path(rel, str(src))
+        path = Path(pattern.format(base=vol.base))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(
+            nib.Nifti1Image((rng.random(data.shape[:3]) > 0.3).astype(np.uint8), np.diag([1.0, 1.2, 2.0, 1.0])), path
+        )
+    out = tmp_path / "deriv"
+    config = {"input_dir": str(src), "output_dir": str(out), "suffixes": ["T1w", "bold"], "mask": pattern,
+              "filters": {"s4": {"kind": "gaussian", "fwhm_mm": 4}}, "backend": "cpu", "qc": False}  # fmt: skip
+    snakemake(tmp_path, config)
+    for rel in imgs:
+        vol = parse_bids_path(rel, str(src))
+        mask_path = pattern.format(base=vol.base)
+        got = nib.load(out / vol.derivative("s4")).get_fdata()
+        ref = filter_image(str(src / rel), "gaussian", fwhm_mm=4, mask=mask_path, backend="cpu").get_fdata()
+        assert_allclose(got, ref, rtol=1e-6)
+        inside = nib.load(mask_path).get_fdata() > 0
+        assert np.all(got[~inside] == 0) and np.all(got[inside] != 0)
+        meta = json.loads((out / vol.derivative("s4", ".json")).read_text())
+        assert meta["Mask"]["file"] == os.path.basename(mask_path) and len(meta["Mask"]["SHA256"]) == 64
+    os.remove(pattern.format(base="sub-02/anat/sub-02"))
+    config["output_dir"] = str(tmp_path / "deriv2")
+    proc = snakemake(tmp_path, config, check=False)
+    assert proc.returncode != 0 and "sub-02_desc-brain_mask.nii.gz" in proc.stderr + proc.stdout
+    assert not (tmp_path / "deriv2").exists() or not list((tmp_path / "deriv2").rglob("*.nii.gz"))
+
+
 def test_plain_folder(tmp_path, rng):
     src = tmp_path / "plain"
     src.mkdir()
@@ -199,6 +234,7 @@ def test_path_traversal_names_cannot_escape(tmp_path, rng):
         ({"input_dir": None}, "input_dir"),
         ({"input_dir": "/nonexistent/folder"}, "input_dir"),
         ({"backend": "tpu"}, "backend"),
+        ({"mask": "/masks/{nope}_mask.nii.gz"}, "mask"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, patch, key):
