@@ -66,11 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ap)
 
     bp = sub.add_parser("batch", help="several filters on one load (used by the workflow)",
-                        description="Load INPUT once and write one output per named filter.")  # fmt: skip
-    bp.add_argument("input", metavar="INPUT")
+                        description="Load INPUT once and write one output per named filter; or, with "
+                                    "--volumes-json, do that for many inputs in one process.")  # fmt: skip
+    bp.add_argument("input", metavar="INPUT", nargs="?")
     bp.add_argument("--filters-json", required=True, metavar="JSON",
                     help='mapping NAME -> {"kind": FILTER, param: value, ...}, or a path to such a JSON file')  # fmt: skip
-    bp.add_argument("--output", action="append", required=True, metavar="NAME=PATH", help="where NAME's result goes")
+    bp.add_argument("--output", action="append", default=[], metavar="NAME=PATH", help="where NAME's result goes")
+    bp.add_argument("--volumes-json", metavar="JSON", default=None,
+                    help='instead of INPUT and --output: [{"input": PATH, "outputs": {NAME: PATH, ...}, "mask": PATH '
+                         '(optional)}, ...], or a path to such a JSON file')  # fmt: skip
     _add_common(bp)
 
     qp = sub.add_parser("qc", help="QC figures and metrics of one input and its derived volumes",
@@ -131,34 +135,69 @@ def _cmd_apply(args):
                 sidecars=not args.no_sidecar, bids_root=args.bids_root)  # fmt: skip
 
 
-def parse_filter_specs(text: str) -> dict:
-    """Parse ``--filters-json``: inline JSON or a path to a JSON file."""
+def _json_option(text: str, option: str):
+    """Inline JSON or a path to a JSON file."""
     try:
         if os.path.isfile(text):
             with open(text, encoding="utf-8") as fh:
-                specs = json.load(fh)
-        else:
-            specs = json.loads(text)
+                return json.load(fh)
+        return json.loads(text)
     except (OSError, json.JSONDecodeError) as exc:
-        raise VolfilterError(f"--filters-json: not valid JSON ({exc})") from None
+        raise VolfilterError(f"{option}: not valid JSON ({exc})") from None
+
+
+def parse_filter_specs(text: str) -> dict:
+    """Parse ``--filters-json``: inline JSON or a path to a JSON file."""
+    specs = _json_option(text, "--filters-json")
     if not isinstance(specs, dict) or not all(isinstance(v, dict) and "kind" in v for v in specs.values()):
         raise VolfilterError('--filters-json: expected {"NAME": {"kind": FILTER, ...}, ...}')
     return specs
 
 
+def _jobs(specs: dict, outputs: dict, option: str) -> list:
+    from .image import FilterJob
+
+    jobs = []
+    for name, path in outputs.items():
+        if name not in specs:
+            raise VolfilterError(f"{option} {name}={path}: no filter named {name!r} in --filters-json")
+        params = {k: v for k, v in specs[name].items() if k != "kind"}
+        jobs.append(FilterJob(specs[name]["kind"], params, path))
+    return jobs
+
+
+def parse_volumes(text: str, specs: dict, default_mask=None) -> list:
+    """Parse ``--volumes-json`` into ``(input, jobs, mask)`` triples."""
+    items = _json_option(text, "--volumes-json")
+    usage = '--volumes-json: expected [{"input": PATH, "outputs": {NAME: PATH, ...}}, ...]'
+    if not isinstance(items, list) or not items:
+        raise VolfilterError(usage)
+    volumes = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("input"), str) or not item.get("outputs"):
+            raise VolfilterError(usage)
+        if not isinstance(item["outputs"], dict) or set(item) - {"input", "outputs", "mask"}:
+            raise VolfilterError(usage)
+        jobs = _jobs(specs, item["outputs"], "--volumes-json output")
+        volumes.append((item["input"], jobs, item.get("mask", default_mask)))
+    return volumes
+
+
 def _cmd_batch(args):
-    from .image import FilterJob, filter_file
+    from .image import filter_file, filter_files
 
     _threads(args)
     specs = parse_filter_specs(args.filters_json)
-    jobs = []
-    for name, path in _pairs(args.output, "--output").items():
-        if name not in specs:
-            raise VolfilterError(f"--output {name}={path}: no filter named {name!r} in --filters-json")
-        params = {k: v for k, v in specs[name].items() if k != "kind"}
-        jobs.append(FilterJob(specs[name]["kind"], params, path))
-    filter_file(args.input, jobs, backend=args.backend, mode=args.mode, mask_path=args.mask,
-                sidecars=not args.no_sidecar, bids_root=args.bids_root)  # fmt: skip
+    options = {"backend": args.backend, "mode": args.mode, "sidecars": not args.no_sidecar, "bids_root": args.bids_root}
+    if args.volumes_json is not None:
+        if args.input is not None or args.output:
+            raise VolfilterError("batch: give either INPUT with --output, or --volumes-json, not both")
+        filter_files(parse_volumes(args.volumes_json, specs, args.mask), **options)
+        return
+    if args.input is None or not args.output:
+        raise VolfilterError("batch: give INPUT and at least one --output NAME=PATH (or --volumes-json)")
+    jobs = _jobs(specs, _pairs(args.output, "--output"), "--output")
+    filter_file(args.input, jobs, mask_path=args.mask, **options)
 
 
 def _pairs(items, option):

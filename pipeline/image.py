@@ -84,6 +84,46 @@ def _mask_array(mask, reference):
     return _mask_array(np.isfinite(mdata) & (mdata != 0), reference)
 
 
+def filter_files(volumes, *, backend="auto", mode="reflect", sidecars=True, bids_root=None) -> str:
+    """:func:`filter_file` for several inputs in one process: ``volumes`` is a sequence of
+    ``(input_path, jobs, mask_path)``.
+
+    A process, its imports and (on the GPU) CuPy's context and kernels serve them all, instead of
+    one fresh process per volume. Every input's header, every output name and every parameter is
+    checked before the first volume is read; then the volumes are filtered in order, each
+    written atomically (a failure leaves the earlier volumes' complete outputs and nothing of the
+    failing one's).
+    """
+    be = backends.resolve(backend)
+    volumes = [(os.fspath(p), list(jobs), m) for p, jobs, m in volumes]
+    seen = {}
+    for input_path, jobs, _ in volumes:
+        io.read_header(input_path)
+        _check_jobs(input_path, jobs)
+        for job in jobs:
+            key = os.path.realpath(job.output)
+            if key in seen:
+                raise VolfilterError(f"{job.output}: named twice as an output (for {seen[key]} and {input_path})")
+            seen[key] = input_path
+    for input_path, _, _ in volumes:
+        if os.path.realpath(input_path) in seen:
+            raise VolfilterError(f"{input_path}: an input that is also an output of this batch; choose another name")
+    for input_path, jobs, mask_path in volumes:
+        filter_file(input_path, jobs, backend=be.name, mode=mode, mask_path=mask_path, sidecars=sidecars,
+                    bids_root=bids_root)  # fmt: skip
+    return be.name
+
+
+def _check_jobs(input_path, jobs):
+    checked = []
+    for job in jobs:
+        io.nifti_extension(job.output)
+        if io.same_file(job.output, input_path):
+            raise VolfilterError(f"{job.output}: output would overwrite the input; choose another name")
+        checked.append((job, check_params(job.kind, dict(job.params))))
+    return checked
+
+
 def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=None, sidecars=True, bids_root=None):
     """Read ``input_path`` once, volume by volume, and write every job's output (and JSON sidecar).
 
@@ -102,12 +142,7 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
         The backend that ran (``cpu`` or ``gpu``).
     """
     input_path = os.fspath(input_path)
-    checked = []
-    for job in jobs:
-        io.nifti_extension(job.output)
-        if io.same_file(job.output, input_path):
-            raise VolfilterError(f"{job.output}: output would overwrite the input; choose another name")
-        checked.append((job, check_params(job.kind, dict(job.params))))
+    checked = _check_jobs(input_path, jobs)
     be = backends.resolve(backend)
     source = provenance.source_metadata(input_path, bids_root) if sidecars else None  # a bad sidecar fails here
     with contextlib.ExitStack() as hashing:

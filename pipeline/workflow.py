@@ -93,7 +93,9 @@ def mask_for(config: dict, vol) -> str | None:
         return pattern.format(**{f: getattr(vol, f) for f in MASK_FIELDS})
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
         fields = ", ".join("{" + f + "}" for f in MASK_FIELDS)
-        raise VolfilterError(f"config key mask: {pattern!r} is not a valid pattern ({exc!r}); it may use {fields}") from None
+        raise VolfilterError(
+            f"config key mask: {pattern!r} is not a valid pattern ({exc!r}); it may use {fields}"
+        ) from None
 
 
 def metadata_files(vol, example: bool) -> list[str]:
