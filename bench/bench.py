@@ -16,6 +16,7 @@ which sees NumPy's buffers).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -229,6 +230,12 @@ def end_to_end(inputs, tmp, label, backend="cpu", n_batch=8):
         return [sys.executable, "-m", "pipeline", "batch", src, "--filters-json", FILTERS_JSON, "--backend", backend,
                 "--no-sidecar"] + [f"--output={n}={out}/o{n}{ext}" for n in "ges"]  # fmt: skip
 
+    def ours_one_process(src, n):  # n volumes in one process: volfilter batch --volumes-json (volumes_per_job)
+        out = fresh_dir()
+        volumes = [{"input": src, "outputs": {v: f"{out}/o{v}{i}.nii.gz" for v in "ges"}} for i in range(n)]
+        return [sys.executable, "-m", "pipeline", "batch", "--filters-json", FILTERS_JSON, "--backend", backend,
+                "--no-sidecar", "--volumes-json", json.dumps(volumes)]  # fmt: skip
+
     def interleaved(src, n, ext=".nii.gz", ours_env=None):
         """Baseline and ours alternately, so that both meet the same phases of a shared machine."""
         b, o = [], []
@@ -249,6 +256,7 @@ def end_to_end(inputs, tmp, label, backend="cpu", n_batch=8):
         row(f"one volume, scipy.ndimage path: {os.path.basename(inputs[0])}", min(b), min(o))
     b, o = interleaved(inputs[0], n_batch)
     row(f"{n_batch} volumes, one process each [{backend}]", sum(b), sum(o))
+    row(f"{n_batch} volumes, one process for all [{backend}]", sum(b), run_ms(ours_one_process(inputs[0], n_batch)))
     if backend == "cpu":
         # As the workflow runs them: one thread per job, as many jobs at once as cores (Snakemake -cN);
         # against the same sequential baseline runs (the plain script is single-threaded).
@@ -264,7 +272,7 @@ def end_to_end(inputs, tmp, label, backend="cpu", n_batch=8):
     shutil.rmtree(os.path.join(tmp, "e2e"), ignore_errors=True)
 
 
-def gpu_cases(x, tmp):
+def gpu_cases(x, tmp, n_batch=2):
     import cupy
     import cupyx.scipy.ndimage as cndi
 
@@ -308,6 +316,13 @@ def gpu_cases(x, tmp):
     cpu = best_ms(lambda: filter_file(src, jobs, backend="cpu", sidecars=False), 2)
     gpu = best_ms(lambda: filter_file(src, jobs, backend="gpu", sidecars=False), 2)
     row("one volume, CPU path vs GPU path", cpu, gpu)
+    from pipeline.image import filter_files
+
+    many = [(src, [FilterJob(j.kind, j.params, j.output.replace(".nii", f"{i}.nii")) for j in jobs], None)
+            for i in range(n_batch)]  # fmt: skip
+    cpu = best_ms(lambda: filter_files(many, backend="cpu", sidecars=False), 2)
+    gpu = best_ms(lambda: filter_files(many, backend="gpu", sidecars=False), 2)
+    row(f"{n_batch} volumes in one call, CPU path vs GPU path", cpu, gpu, note="(the GPU batch target: >= 5x)")
     first = ("import numpy as np; from pipeline import apply_filter; from pipeline.backend import resolve; "
              "import cupy; be = resolve('gpu'); x = cupy.asarray(np.ones((64, 64, 64), np.float32)); "
              "apply_filter(x, (1, 1, 1), 'gaussian', fwhm_mm=6); apply_filter(x, (1, 1, 1), 'sobel'); "
@@ -343,7 +358,7 @@ def main():
         if (args.gpu or args.gpu_only) and not gpu_available():
             print("\n# GPU sections skipped: CuPy or a CUDA device is not available")
         elif args.gpu or args.gpu_only:  # first, so that a run cut short by its time limit still has them
-            gpu_cases(x, tmp)
+            gpu_cases(x, tmp, args.batch)
             if not args.skip_e2e:
                 end_to_end([synth], tmp, "GPU backend", backend="gpu", n_batch=args.batch)
         if args.gpu_only:

@@ -75,6 +75,22 @@ def find_inputs(config: dict, example_dir: str):
     return volumes, skipped
 
 
+def chunks(volumes: list, size: int) -> list[list]:
+    """``volumes`` in consecutive groups of ``size`` (config key volumes_per_job)."""
+    return [volumes[i : i + size] for i in range(0, len(volumes), size)]
+
+
+def volumes_json(chunk, filter_names, out_dir: str, ext: str, masks: dict) -> str:
+    """``volfilter batch --volumes-json`` for one group of volumes: each input, its outputs, its mask."""
+    items = []
+    for vol in chunk:
+        item = {"input": vol.path, "outputs": {n: os.path.join(out_dir, vol.derivative(n, ext)) for n in filter_names}}
+        if masks.get(vol.key):
+            item["mask"] = masks[vol.key]
+        items.append(item)
+    return json.dumps(items, separators=(",", ":"))
+
+
 MASK_FIELDS = ("base", "suffix", "subject", "session")
 
 

@@ -33,6 +33,8 @@ KERNEL_FILES = wf.kernel_files(config["filters"])
 BY_KEY = {v.key: v for v in VOLUMES}
 GPU_REQUEST = 1 if config.get("backend", "auto") == "gpu" else 0
 NII = ".nii.gz" if config.get("compress", True) else ".nii"  # the derived volumes' extension
+VOLUMES_PER_JOB = config.get("volumes_per_job", 1)
+CHUNKS = wf.chunks(VOLUMES, VOLUMES_PER_JOB)
 
 
 def _cli():
@@ -85,6 +87,35 @@ def input_sidecars(wildcards):
 
 
 SOURCE_ROOTS = sorted({v.root for v in VOLUMES if v.root})
+
+
+# With volumes_per_job > 1: one job filters a group of volumes in one process (rules/filter.smk).
+def chunk_outputs(chunk, ext):
+    return [os.path.join(OUT, v.derivative(n, ext)) for v in chunk for n in FILTER_NAMES]
+
+
+def chunk_extra_inputs(chunk):
+    """The group's BIDS sidecars and masks (editing one reruns the group)."""
+    example = config["input_dir"] == wf.EXAMPLE
+    return [p for v in chunk for p in wf.metadata_files(v, example)] + [MASKS[v.key] for v in chunk if MASKS[v.key]]
+
+
+def chunk_mem_mb(chunk):
+    def mem_mb(wildcards, attempt):
+        return max(wf.mem_mb(v.path, attempt) for v in chunk)
+
+    return mem_mb
+
+
+def chunk_runtime(chunk):
+    def runtime(wildcards, attempt):
+        return sum(wf.runtime_min(v.path, len(FILTER_NAMES), attempt) for v in chunk)
+
+    return runtime
+
+
+def chunk_bids_root(chunk):
+    return shlex.quote(f"--bids-root={chunk[0].root}") if chunk[0].root else ""
 
 
 def example_root(wildcards, output):

@@ -160,3 +160,57 @@ def test_bids_root_sidecar_and_bad_metadata_writes_nothing(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "apply", src, out2, "--filter", "gaussian", "--fwhm-mm", 2, "--bids-root", root)
     assert_one_line_error(rc, err, "task-rest_bold.json: not a readable JSON sidecar")
     assert not out2.exists() and not (tmp_path / "again.json").exists()
+
+
+def test_batch_of_volumes_in_one_process_equals_one_process_each(tmp_path, capsys, rng):
+    specs = {"s": {"kind": "gaussian", "fwhm_mm": 3}, "e": {"kind": "sobel"}}
+    inputs = []
+    for i, shape in enumerate([(9, 8, 7), (6, 7, 8, 3)]):
+        path = tmp_path / f"in{i}.nii.gz"
+        nib.Nifti1Image(rng.normal(size=shape).astype(np.float32), np.diag([1.0, 1.5, 2.0, 1])).to_filename(path)
+        inputs.append(path)
+    mask = tmp_path / "mask.nii"
+    nib.Nifti1Image((rng.random((9, 8, 7)) > 0.4).astype(np.uint8), np.diag([1.0, 1.5, 2.0, 1])).to_filename(mask)
+    one, many = tmp_path / "one", tmp_path / "many"
+    one.mkdir(), many.mkdir()
+    for i, src in enumerate(inputs):
+        extra = ["--mask", mask] if i == 0 else []
+        rc, _, err = run_cli(capsys, "batch", src, "--filters-json", json.dumps(specs), *extra,
+                             *[f"--output={n}={one}/{n}{i}.nii.gz" for n in specs])  # fmt: skip
+        assert rc == 0, err
+    volumes = [
+        {"input": str(src), "outputs": {n: f"{many}/{n}{i}.nii.gz" for n in specs}} for i, src in enumerate(inputs)
+    ]
+    volumes[0]["mask"] = str(mask)
+    rc, _, err = run_cli(capsys, "batch", "--filters-json", json.dumps(specs), "--volumes-json", json.dumps(volumes))
+    assert rc == 0, err
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in many.iterdir()) and len(names) == 8  # 4 volumes, 4 sidecars
+    for name in names:
+        assert digest(one / name) == digest(many / name), name
+
+
+def test_batch_of_volumes_checks_everything_before_writing(tmp_path, capsys, rng):
+    src = tmp_path / "a.nii.gz"
+    nib.Nifti1Image(rng.normal(size=(5, 5, 5)).astype(np.float32), np.eye(4)).to_filename(src)
+    specs = json.dumps({"s": {"kind": "gaussian", "fwhm_mm": 3}})
+
+    def batch(*volumes):
+        return run_cli(capsys, "batch", "--filters-json", specs, "--volumes-json", json.dumps(list(volumes)))
+
+    first = {"input": str(src), "outputs": {"s": str(tmp_path / "o1.nii.gz")}}
+    rc, _, err = batch(
+        first, {"input": str(tmp_path / "missing.nii.gz"), "outputs": {"s": str(tmp_path / "o2.nii.gz")}}
+    )
+    assert_one_line_error(rc, err, "missing.nii.gz: no such file")
+    rc, _, err = batch(first, {"input": str(src), "outputs": {"s": str(tmp_path / "o1.nii.gz")}})
+    assert_one_line_error(rc, err, "named twice as an output")
+    other = tmp_path / "b.nii.gz"
+    other.write_bytes(src.read_bytes())
+    rc, _, err = batch(first, {"input": str(other), "outputs": {"s": str(src)}})
+    assert_one_line_error(rc, err, "also an output of this batch")
+    rc, _, err = batch({"input": str(src), "outputs": {"t": str(tmp_path / "o3.nii.gz")}})
+    assert_one_line_error(rc, err, "no filter named 't'")
+    rc, _, err = run_cli(capsys, "batch", src, "--filters-json", specs, "--volumes-json", json.dumps([first]))
+    assert_one_line_error(rc, err, "not both")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "b.nii.gz"]

@@ -138,6 +138,22 @@ def test_noop_rerun_and_param_change(bids_run):
     assert json.loads((out / "sub-02/anat/sub-02_desc-edges_T1w.json").read_text())["EchoTime"] == 0.005
 
 
+def test_groups_of_volumes_per_job_give_the_same_bytes(bids_run):
+    """volumes_per_job: 2 runs 2 jobs for 3 volumes, one process each, with byte-identical outputs."""
+    tmp_path, src, out, config = bids_run
+    grouped = {**config, "output_dir": str(tmp_path / "grouped"), "volumes_per_job": 2}
+    proc = snakemake(tmp_path, grouped)
+    assert (
+        "filter_volumes_0" in proc.stderr and "filter_volumes_1" in proc.stderr and "filter_volume " not in proc.stderr
+    )
+    made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_desc-*") if "logs" not in p.parts)
+    assert len(made) == 2 * 3 * len(FILTERS)
+    for rel in made:
+        assert (tmp_path / "grouped" / rel).read_bytes() == (out / rel).read_bytes(), rel
+    dry = snakemake(tmp_path, grouped, "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
 def test_masks_from_a_pattern(tmp_path, rng):
     """config mask with {base}: each volume filtered within its own mask; a missing one stops the run."""
     src = tmp_path / "bids"
@@ -235,6 +251,7 @@ def test_path_traversal_names_cannot_escape(tmp_path, rng):
         ({"input_dir": "/nonexistent/folder"}, "input_dir"),
         ({"backend": "tpu"}, "backend"),
         ({"mask": "/masks/{nope}_mask.nii.gz"}, "mask"),
+        ({"volumes_per_job": 0}, "volumes_per_job"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, patch, key):
