@@ -88,7 +88,17 @@ def volumes_json(chunk, filter_names, out_dir: str, ext: str, masks: dict) -> st
         if masks.get(vol.key):
             item["mask"] = masks[vol.key]
         items.append(item)
-    return json.dumps(items, separators=(",", ":"))
+    text = json.dumps(items, separators=(",", ":"))
+    if len(text.encode()) > MAX_COMMAND_JSON:
+        per_volume = len(text.encode()) // len(chunk) + 1
+        raise VolfilterError(
+            f"config key volumes_per_job: {len(chunk)} volumes make a job's command line too long "
+            f"(Linux takes ~128 kB); use at most {MAX_COMMAND_JSON // per_volume}"
+        )
+    return text
+
+
+MAX_COMMAND_JSON = 100_000  # bytes of --volumes-json on one command line (Linux: 128 kB per argument)
 
 
 MASK_FIELDS = ("base", "suffix", "subject", "session")

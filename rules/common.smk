@@ -35,6 +35,10 @@ GPU_REQUEST = 1 if config.get("backend", "auto") == "gpu" else 0
 NII = ".nii.gz" if config.get("compress", True) else ".nii"  # the derived volumes' extension
 VOLUMES_PER_JOB = config.get("volumes_per_job", 1)
 CHUNKS = wf.chunks(VOLUMES, VOLUMES_PER_JOB)
+try:
+    CHUNK_JSON = [wf.volumes_json(c, FILTER_NAMES, OUT, NII, MASKS) for c in CHUNKS] if VOLUMES_PER_JOB > 1 else []
+except VolfilterError as exc:
+    raise WorkflowError(f"invalid config: {exc}")
 
 
 def _cli():

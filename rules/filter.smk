@@ -84,7 +84,7 @@ else:
             params:
                 cli=VOLFILTER,
                 filters=FILTERS_JSON,
-                volumes=wf.volumes_json(chunk, FILTER_NAMES, OUT, NII, MASKS),
+                volumes=CHUNK_JSON[index],
                 backend=config["backend"],
                 mode=config["mode"],
                 bids_root=chunk_bids_root(chunk),

@@ -291,3 +291,16 @@ def test_qc_outputs_and_report(tmp_path, rng):
     snakemake(tmp_path, config, "--report", str(tmp_path / "report.html"))
     html = (tmp_path / "report.html").read_text()
     assert "group_smoothness.png" in html and "sub-02_desc-edges_T1w_qc.png" in html
+
+
+def test_volumes_json_too_long_for_one_command_line_is_a_config_error():
+    from pipeline import VolfilterError
+    from pipeline.bids import InputVolume
+    from pipeline.workflow import MAX_COMMAND_JSON, volumes_json
+
+    vol = InputVolume(path="/data/" + "x" * 200 + ".nii.gz", base="x" * 200, suffix="")
+    one = len(volumes_json([vol], ["a", "b", "c"], "/out", ".nii.gz", {}))
+    fits = MAX_COMMAND_JSON // (one + 1)
+    assert len(volumes_json([vol] * fits, ["a", "b", "c"], "/out", ".nii.gz", {})) <= MAX_COMMAND_JSON
+    with pytest.raises(VolfilterError, match="volumes_per_job"):
+        volumes_json([vol] * (fits + 5), ["a", "b", "c"], "/out", ".nii.gz", {})
