@@ -88,3 +88,19 @@ def test_gpu_results_come_back_in_fortran_order(rng):
     host = be.to_host(on_device)
     assert host.flags.f_contiguous
     np.testing.assert_array_equal(host, cupy.asnumpy(on_device))
+
+
+def test_gpu_batch_of_files_in_one_call_equals_cpu(nib_data, tmp_path):
+    import nibabel as nib
+
+    from pipeline.image import FilterJob, filter_files
+
+    sources = [nib_data("example4d.nii.gz"), nib_data("anatomical.nii")]
+    outs = {}
+    for be in ("cpu", "gpu"):
+        volumes = [(src, [FilterJob("gaussian", {"fwhm_mm": 6}, str(tmp_path / f"{be}-{i}.nii.gz"))], None)
+                   for i, src in enumerate(sources)]  # fmt: skip
+        assert filter_files(volumes, backend=be, sidecars=False) == be
+        outs[be] = [nib.load(jobs[0].output).get_fdata() for _, jobs, _ in volumes]
+    for cpu, gpu in zip(outs["cpu"], outs["gpu"], strict=True):
+        _compare(cpu, gpu)
