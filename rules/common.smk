@@ -101,7 +101,8 @@ def chunk_outputs(chunk, ext):
 def chunk_extra_inputs(chunk):
     """The group's BIDS sidecars and masks (editing one reruns the group)."""
     example = config["input_dir"] == wf.EXAMPLE
-    return [p for v in chunk for p in wf.metadata_files(v, example)] + [MASKS[v.key] for v in chunk if MASKS[v.key]]
+    paths = [p for v in chunk for p in wf.metadata_files(v, example)] + [MASKS[v.key] for v in chunk if MASKS[v.key]]
+    return list(dict.fromkeys(paths))  # one top-level sidecar or one mask can serve several volumes
 
 
 def chunk_mem_mb(chunk):
