@@ -65,19 +65,10 @@ def parse_bids_path(relpath: str, root: str = "") -> InputVolume | None:
     datatype = parts[-2]
     if not _DATATYPE.match(datatype):
         return None
-    fields = fname.split("_")
-    if len(fields) < 2 or not _SUFFIX.match(fields[-1]):
+    parsed = _entities_and_suffix(fname)
+    if parsed is None or next(iter(parsed[0]), None) != "sub":
         return None
-    entities = []
-    for field in fields[:-1]:
-        m = _ENTITY.match(field)
-        if not m:
-            return None
-        entities.append((m.group(1), m.group(2)))
-    keys = [k for k, _ in entities]
-    if keys[0] != "sub" or len(set(keys)) != len(keys):
-        return None
-    ent = dict(entities)
+    ent, suffix = parsed
     if parts[0] != f"sub-{ent['sub']}":
         return None
     if len(parts) == 4:
@@ -85,16 +76,17 @@ def parse_bids_path(relpath: str, root: str = "") -> InputVolume | None:
             return None
     elif "ses" in ent:
         return None
-    name = "_".join(f"{k}-{v}" for k, v in entities if k != "desc")
+    name = "_".join(f"{k}-{v}" for k, v in ent.items() if k != "desc")
     base = "/".join(parts[:-1]) + "/" + name
     path = os.path.join(root, *parts) if root else relpath
     return InputVolume(
-        path=path, base=base, suffix="_" + fields[-1], subject=ent["sub"], session=ent.get("ses", ""), root=root
+        path=path, base=base, suffix="_" + suffix, subject=ent["sub"], session=ent.get("ses", ""), root=root
     )
 
 
 def _entities_and_suffix(stem: str):
-    """``({key: label}, suffix)`` of a BIDS file name without extension, or None if it is not one."""
+    """``({key: label}, suffix)`` of a BIDS file name without extension, entities in file order, or
+    None if it is not one (a field that is not key-label, a key twice, a bad suffix)."""
     fields = stem.split("_")
     if not _SUFFIX.match(fields[-1]):
         return None
