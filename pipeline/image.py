@@ -95,22 +95,22 @@ def filter_files(volumes, *, backend="auto", mode="reflect", sidecars=True, bids
     failing one's).
     """
     be = backends.resolve(backend)
-    volumes = [(os.fspath(p), list(jobs), m) for p, jobs, m in volumes]
+    checked = []
     seen = {}
-    for input_path, jobs, _ in volumes:
+    for input_path, jobs, mask_path in volumes:
+        input_path = os.fspath(input_path)
         io.read_header(input_path)
-        _check_jobs(input_path, jobs)
+        checked.append((input_path, _check_jobs(input_path, jobs), mask_path))
         for job in jobs:
             key = os.path.realpath(job.output)
             if key in seen:
                 raise VolfilterError(f"{job.output}: named twice as an output (for {seen[key]} and {input_path})")
             seen[key] = input_path
-    for input_path, _, _ in volumes:
+    for input_path, _, _ in checked:
         if os.path.realpath(input_path) in seen:
             raise VolfilterError(f"{input_path}: an input that is also an output of this batch; choose another name")
-    for input_path, jobs, mask_path in volumes:
-        filter_file(input_path, jobs, backend=be.name, mode=mode, mask_path=mask_path, sidecars=sidecars,
-                    bids_root=bids_root)  # fmt: skip
+    for input_path, jobs, mask_path in checked:
+        _filter_checked(input_path, jobs, be, mode, mask_path, sidecars, bids_root)
     return be.name
 
 
@@ -144,6 +144,12 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
     input_path = os.fspath(input_path)
     checked = _check_jobs(input_path, jobs)
     be = backends.resolve(backend)
+    _filter_checked(input_path, checked, be, mode, mask_path, sidecars, bids_root)
+    return be.name
+
+
+def _filter_checked(input_path, checked, be, mode, mask_path, sidecars, bids_root):
+    """:func:`filter_file` after its checks: ``checked`` from :func:`_check_jobs`, ``be`` resolved."""
     source = provenance.source_metadata(input_path, bids_root) if sidecars else None  # a bad sidecar fails here
     with contextlib.ExitStack() as hashing:
         # The sidecars' checksums are computed on a second core while the input is decompressed
@@ -155,7 +161,6 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
         if pool:
             shas = in_sha.result(), mask_sha and mask_sha.result()
             _write_sidecars(input_path, checked, be, mode, mask_path, *shas, source)
-    return be.name
 
 
 def _filter_stream(input_path, checked, be, mode, mask_path):
