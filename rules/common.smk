@@ -79,10 +79,13 @@ def mask_arg(wildcards):
     return shlex.quote(f"--mask={mask}") if mask else ""
 
 
-def bids_root_arg(wildcards):
-    """--bids-root for a volume of a BIDS dataset (its sidecars then carry the input's metadata)."""
-    root = volume(wildcards).root
+def bids_root_option(root):
+    """--bids-root for volumes of a BIDS dataset (their sidecars then carry the input's metadata)."""
     return shlex.quote(f"--bids-root={root}") if root else ""
+
+
+def bids_root_arg(wildcards):
+    return bids_root_option(volume(wildcards).root)
 
 
 def input_sidecars(wildcards):
@@ -117,10 +120,6 @@ def chunk_runtime(chunk):
         return sum(wf.runtime_min(v.path, len(FILTER_NAMES), attempt) for v in chunk)
 
     return runtime
-
-
-def chunk_bids_root(chunk):
-    return shlex.quote(f"--bids-root={chunk[0].root}") if chunk[0].root else ""
 
 
 def example_root(wildcards, output):

@@ -87,7 +87,7 @@ else:
                 volumes=CHUNK_JSON[index],
                 backend=config["backend"],
                 mode=config["mode"],
-                bids_root=chunk_bids_root(chunk),
+                bids_root=bids_root_option(chunk[0].root),
             shell:
                 "{params.cli} batch --filters-json {params.filters:q} --volumes-json {params.volumes:q}"
                 " {params.bids_root} --backend {params.backend} --mode {params.mode} --threads {threads}"
