@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Everything a short GPU-machine session should measure, in one command, from the repo root:
-# the device and CuPy, the GPU tests, then the GPU sections of bench/bench.py (device kernels
+# the device and CuPy, the GPU tests, a cProfile breakdown of both paths (bench/breakdown.py), then the GPU sections of bench/bench.py (device kernels
 # against cupyx.scipy.ndimage, transfers, cold/warm kernel cache, fresh-process and in-process
 # CPU vs GPU on the same host). Results go to $OUT (or bench/), each step under its own time limit
 # so that one hang does not take the rest. The compiled CPU kernels are used when a
 # pipeline/_native*.so built on any CPython is beside the package (carry it along).
 set -u
+export PYTHONUNBUFFERED=1  # a step cut at its limit still leaves what it printed
 out=${OUT:-bench}
 mkdir -p "$out"
 {
@@ -14,4 +15,7 @@ mkdir -p "$out"
   python3 -c "from pipeline.backend import cpu_kernels; print('compiled CPU kernels:', cpu_kernels() is not None)"
 } 2>&1 | tee "$out/gpu-device.txt"
 timeout "${TESTS_S:-240}" python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log" | tail -5
+for be in gpu cpu; do  # where the in-process time goes, both paths on this host
+  timeout "${BREAKDOWN_S:-45}" python3 bench/breakdown.py --backend $be --batch "${BATCH:-2}" 2>&1
+done > "$out/gpu-breakdown.txt"
 timeout "${BENCH_S:-300}" python3 bench/bench.py --gpu-only --batch "${BATCH:-2}" 2>&1 | tee "$out/gpu-bench.txt"
