@@ -2,7 +2,8 @@
 
     python bench/breakdown.py --backend gpu --batch 2     # after one warm-up call, so no compile time
 
-It complements bench.py's ratios with the breakdown behind them (decompression, upload, kernels,
+First the batch's wall time without and with reading ahead (pipeline.image.READ_AHEAD), twice
+each, alternated; then the profile. It complements bench.py's ratios with the breakdown behind them (decompression, upload, kernels,
 download, compression), the same three filters as bench.py's end-to-end cases, on the same kind of
 synthetic 256^3 phantom. No timings are asserted anywhere; this prints them.
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nibabel as nib  # noqa: E402
 
+from pipeline import image  # noqa: E402
 from pipeline.image import FilterJob, filter_files  # noqa: E402
 
 
@@ -46,6 +48,13 @@ def main():
         kinds = (("gaussian", {"fwhm_mm": 6}), ("sobel", {}), ("sharpen", {}))
         many = [(src, [FilterJob(k, p, f"{tmp}/{k}{i}.nii.gz") for k, p in kinds], None) for i in range(args.batch)]
         filter_files(many, backend=args.backend, sidecars=False)  # warm-up: imports, kernel compilation
+        for ahead in (False, True, False, True):  # alternated: both settings meet the same phases of the host
+            image.READ_AHEAD = ahead
+            t = time.perf_counter()
+            filter_files(many, backend=args.backend, sidecars=False)
+            ms = (time.perf_counter() - t) * 1e3
+            print(f"# {args.batch} volumes of {n}^3, backend {args.backend}, read ahead {ahead}: {ms:.0f} ms")
+        image.READ_AHEAD = None
         prof = cProfile.Profile()
         t = time.perf_counter()
         prof.enable()

@@ -16,6 +16,6 @@ mkdir -p "$out"
 } 2>&1 | tee "$out/gpu-device.txt"
 timeout "${TESTS_S:-240}" python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log" | tail -5
 for be in gpu cpu; do  # where the in-process time goes, both paths on this host
-  timeout "${BREAKDOWN_S:-45}" python3 bench/breakdown.py --backend $be --batch "${BATCH:-2}" 2>&1
+  timeout "${BREAKDOWN_S:-60}" python3 bench/breakdown.py --backend $be --batch "${BATCH:-2}" --top 15 2>&1
 done > "$out/gpu-breakdown.txt"
-timeout "${BENCH_S:-300}" python3 bench/bench.py --gpu-only --batch "${BATCH:-2}" 2>&1 | tee "$out/gpu-bench.txt"
+timeout "${BENCH_S:-300}" python3 bench/bench.py --gpu-only --batch "${BATCH:-2}" ${BENCH_ARGS:-} 2>&1 | tee "$out/gpu-bench.txt"

@@ -115,8 +115,22 @@ class Backend:
             return _cupy().asarray(array)
         return array
 
-    def to_host(self, array) -> np.ndarray:
-        """A NumPy array; from the GPU in Fortran order, NIfTI's.
+    def staging(self, shape):
+        """A host buffer for :meth:`to_host` to download float32 volumes of ``shape`` into, to be
+        reused by a stream of downloads: page-locked on the GPU, None on the CPU (nothing moves).
+
+        A download into pageable memory took 23.7 ms per 64 MB on an H100 host (2.7 GB/s, measured
+        by bench/bench.py), three times per volume for three filters.
+        """
+        if self.name != "gpu":
+            return None
+        import cupyx
+
+        return cupyx.empty_pinned(tuple(shape), np.float32, order="F")
+
+    def to_host(self, array, out=None) -> np.ndarray:
+        """A NumPy array; from the GPU in Fortran order, NIfTI's, into ``out`` when it fits
+        (a :meth:`staging` buffer, overwritten by the next download into it).
 
         cupyx.scipy.ndimage returns C-ordered results (also for Fortran-ordered input) and
         ``cupy.asnumpy`` downloads in C order by default, so the NIfTI writer had to transpose
@@ -125,7 +139,10 @@ class Backend:
         """
         if self.name == "gpu":
             cupy = _cupy()
-            return cupy.asnumpy(cupy.asfortranarray(array), order="F")
+            array = cupy.asfortranarray(array)
+            if out is not None and out.shape == array.shape and out.dtype == array.dtype:
+                return array.get(out=out)
+            return cupy.asnumpy(array, order="F")
         return np.asarray(array)
 
 

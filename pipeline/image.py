@@ -109,8 +109,7 @@ def filter_files(volumes, *, backend="auto", mode="reflect", sidecars=True, bids
     for input_path, _, _ in checked:
         if os.path.realpath(input_path) in seen:
             raise VolfilterError(f"{input_path}: an input that is also an output of this batch; choose another name")
-    for input_path, jobs, mask_path in checked:
-        _filter_checked(input_path, jobs, be, mode, mask_path, sidecars, bids_root)
+    _filter_checked(checked, be, mode, sidecars, bids_root)
     return be.name
 
 
@@ -144,40 +143,113 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
     input_path = os.fspath(input_path)
     checked = _check_jobs(input_path, jobs)
     be = backends.resolve(backend)
-    _filter_checked(input_path, checked, be, mode, mask_path, sidecars, bids_root)
+    _filter_checked([(input_path, checked, mask_path)], be, mode, sidecars, bids_root)
     return be.name
 
 
-def _filter_checked(input_path, checked, be, mode, mask_path, sidecars, bids_root):
-    """:func:`filter_file` after its checks: ``checked`` from :func:`_check_jobs`, ``be`` resolved."""
-    source = provenance.source_metadata(input_path, bids_root) if sidecars else None  # a bad sidecar fails here
-    with contextlib.ExitStack() as hashing:
-        # The sidecars' checksums are computed on a second core while the input is decompressed
-        # (single-threaded): ~45 ms per 50 MB file that the job no longer waits for.
-        pool = hashing.enter_context(ThreadPoolExecutor(1)) if sidecars else None
-        in_sha = pool.submit(provenance.sha256, input_path) if pool else None
-        mask_sha = pool.submit(provenance.sha256, mask_path) if pool and mask_path else None
-        _filter_stream(input_path, checked, be, mode, mask_path)
-        if pool:
-            shas = in_sha.result(), mask_sha and mask_sha.result()
-            _write_sidecars(input_path, checked, be, mode, mask_path, *shas, source)
+READ_AHEAD = None  # None: when the process may use 4 or more CPUs (--threads, else the cores); True; False
 
 
-def _filter_stream(input_path, checked, be, mode, mask_path):
-    with io.open_volumes(input_path) as stream, contextlib.ExitStack() as outputs:
+def _read_ahead() -> bool:
+    """Whether to read the next volume while this one is filtered and written. On 2 cores, where the
+    gzip writers already use both, it measured within noise (bench/breakdown.py, 4 volumes of 256³:
+    4.4-5.0 s in turn, 4.8-5.4 s ahead), so it needs more cores than that."""
+    if READ_AHEAD is not None:
+        return READ_AHEAD
+    return (io.GZIP_THREADS or os.cpu_count() or 1) >= 4
+
+
+class _Volumes:
+    """The 3-D volumes of several inputs in order, as ``(stream, volume, last)``; ``last`` marks an
+    input's final volume. With ``ahead``, the next item (the next volume of this series, or the
+    next input's first) is read on a helper thread while the caller filters and writes this one.
+
+    Decompressing a ``.nii.gz`` is single-threaded (~310 ms per 256³ float32 volume on the H100
+    host, ~45% of a volume's time there) and releases the GIL, so it can run beside the gzip
+    writers that finish the previous input. Memory: one input volume more.
+    """
+
+    def __init__(self, paths, ahead: bool):
+        self._items = self._read(list(paths))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="volfilter-read") if ahead else None
+        self._pending = self._pool.submit(next, self._items, None) if self._pool else None
+
+    @staticmethod
+    def _read(paths):
+        for path in paths:
+            with io.open_volumes(path) as stream:
+                n = stream.shape[3] if len(stream.shape) == 4 else 1
+                for t, vol in enumerate(stream.volumes):
+                    yield stream, vol, t == n - 1
+
+    def next(self):
+        if self._pool is None:
+            item = next(self._items, None)
+        else:
+            item, self._pending = self._pending.result(), None  # a read error is raised here, in order
+            if item is not None:
+                self._pending = self._pool.submit(next, self._items, None)
+        if item is None:
+            raise RuntimeError("volfilter: an input ended before its last volume")  # cannot happen: n from the header
+        return item
+
+    def close(self):
+        """Stop reading: wait for a read in flight (its file must not close under it), then close the file."""
+        try:
+            if self._pending is not None:
+                with contextlib.suppress(Exception):  # the caller's own error is the one to report
+                    self._pending.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._items.close()
+
+
+def _filter_checked(items, be, mode, sidecars, bids_root):
+    """Filter ``items``, ``[(input_path, checked, mask_path)]`` with ``checked`` from :func:`_check_jobs`
+    and ``be`` resolved, one input after the other; each input's outputs are complete (and its
+    sidecars written) before the next input's are begun."""
+    volumes = _Volumes([path for path, _, _ in items], _read_ahead())
+    try:
+        for input_path, checked, mask_path in items:
+            source = provenance.source_metadata(input_path, bids_root) if sidecars else None  # a bad sidecar fails here
+            with contextlib.ExitStack() as hashing:
+                # The sidecars' checksums are computed on a second core while the input is decompressed
+                # (single-threaded): ~45 ms per 50 MB file that the job no longer waits for.
+                pool = hashing.enter_context(ThreadPoolExecutor(1)) if sidecars else None
+                in_sha = pool.submit(provenance.sha256, input_path) if pool else None
+                mask_sha = pool.submit(provenance.sha256, mask_path) if pool and mask_path else None
+                _filter_stream(volumes, input_path, checked, be, mode, mask_path)
+                if pool:
+                    shas = in_sha.result(), mask_sha and mask_sha.result()
+                    _write_sidecars(input_path, checked, be, mode, mask_path, *shas, source)
+    finally:
+        volumes.close()
+
+
+def _filter_stream(volumes, input_path, checked, be, mode, mask_path):
+    stream, vol, last = volumes.next()
+    with contextlib.ExitStack() as outputs:
         mask = None if mask_path is None else io.load_mask(mask_path, stream)
         dmask = None if mask is None else be.to_device(mask)
         writers = [
             outputs.enter_context(io.NiftiStreamWriter(job.output, stream, stream.shape, f"volfilter {job.kind}"))
             for job, _ in checked
         ]
+        # One host buffer for every download (page-locked on the GPU); the writers copy what they are
+        # handed before write() returns.
+        staging = be.staging(stream.shape[:3])
         any_finite = False
-        for vol in stream.volumes:
+        while True:
             any_finite = any_finite or backends.has_finite(vol)
             dvol = be.to_device(vol)
+            del vol  # on the GPU, the host copy is not needed any more
             for (job, params), writer in zip(checked, writers, strict=True):
                 out = apply_filter(dvol, stream.voxel_mm, job.kind, mode=mode, mask=dmask, **params)
-                writer.write(be.to_host(out))
+                writer.write(be.to_host(out, out=staging))
+            if last:
+                break
+            stream, vol, last = volumes.next()
         if not any_finite:
             raise VolfilterError(f"{input_path}: every voxel is NaN or infinite; there is nothing to filter")
 

@@ -282,6 +282,13 @@ def _read_exact(fh, n: int) -> np.ndarray:
     return buf[:got]
 
 
+def _read_to_end(fh) -> None:
+    """Decompress what follows the data, so that the gzip reader checks the stream's CRC-32 and
+    length: a damaged stored block decodes without error and is caught only there."""
+    while fh.read(1 << 20):
+        pass
+
+
 def _read_volumes(proxy, fh, shape, path):
     """Yield the 3-D volumes of an open NIfTI stream as float32 (Fortran order), scaling applied.
 
@@ -292,7 +299,8 @@ def _read_volumes(proxy, fh, shape, path):
     slope, inter = float(proxy.slope), float(proxy.inter)
     try:
         fh.seek(int(proxy.offset))
-        for t in range(shape[3] if len(shape) == 4 else 1):
+        n_volumes = shape[3] if len(shape) == 4 else 1
+        for t in range(n_volumes):
             buf = _read_exact(fh, n_bytes)
             if len(buf) < n_bytes:
                 raise VolfilterError(f"{path}: truncated: volume {t} ends after {len(buf)} of {n_bytes} bytes")
@@ -304,6 +312,8 @@ def _read_volumes(proxy, fh, shape, path):
                 vol *= np.float32(slope)
             if inter != 0.0:
                 vol += np.float32(inter)
+            if t == n_volumes - 1 and not isinstance(fh, io.BufferedReader):
+                _read_to_end(fh)  # before the last volume is used: a damaged input writes nothing
             yield vol
     except (OSError, EOFError, zlib.error) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -38,6 +38,12 @@ def make_case(name, d, nib_data):
     if name == "truncated gz":
         data = open(nib_data("example4d.nii.gz"), "rb").read()
         p.write_bytes(data[: len(data) // 2])
+    elif name == "damaged data, intact gzip trailer":  # noise deflates to stored blocks: only the CRC-32 tells
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32), np.eye(4)), p)
+        data = bytearray(p.read_bytes())
+        at = len(data) * 3 // 4
+        data[at : at + 64] = bytes(64)
+        p.write_bytes(bytes(data))
     elif name == "random bytes named .nii.gz":
         p.write_bytes(os.urandom(3000))
     elif name == "gzip of random bytes":
@@ -99,6 +105,7 @@ def make_case(name, d, nib_data):
 
 CASES = {
     "truncated gz": "truncated",
+    "damaged data, intact gzip trailer": "corrupt",
     "random bytes named .nii.gz": "not gzip-compressed",
     "gzip of random bytes": "not a NIfTI",
     "uncompressed named .gz": "not gzip-compressed",

@@ -90,6 +90,24 @@ def test_gpu_results_come_back_in_fortran_order(rng):
     np.testing.assert_array_equal(host, cupy.asnumpy(on_device))
 
 
+def test_gpu_downloads_into_one_reused_page_locked_buffer(rng):
+    import cupy
+
+    be = resolve("gpu")
+    x = np.asfortranarray(rng.normal(100, 30, (19, 17, 13)).astype(np.float32))
+    staging = be.staging(x.shape)
+    assert staging.flags.f_contiguous and staging.dtype == np.float32
+    dev = be.to_device(x)
+    for name, params in (("gaussian", {"fwhm_mm": 4.0}), ("sobel", {})):  # the second overwrites the first
+        on_device = apply_filter(dev, VOX, name, **params)
+        host = be.to_host(on_device, out=staging)
+        assert np.shares_memory(host, staging) and host.flags.f_contiguous
+        np.testing.assert_array_equal(host, cupy.asnumpy(on_device))
+    other = be.to_host(cupy.ones((3, 4, 5), cupy.float32), out=staging)  # does not fit: a fresh array
+    assert other.shape == (3, 4, 5) and not np.shares_memory(other, staging) and (other == 1).all()
+    assert resolve("cpu").staging(x.shape) is None
+
+
 def test_gpu_batch_of_files_in_one_call_equals_cpu(nib_data, tmp_path):
     import nibabel as nib
 
