@@ -129,8 +129,9 @@ def filter_file(input_path, jobs, *, backend="auto", mode="reflect", mask_path=N
     ``bids_root``: the BIDS dataset ``input_path`` belongs to; the sidecars then carry its
     metadata and name it by a BIDS URI (:func:`pipeline.provenance.source_metadata`).
 
-    A 4-D series is streamed: memory holds one input volume and one output
-    volume per job, not the series. On the GPU each volume is uploaded once
+    A 4-D series is streamed: memory holds one input volume (two while the
+    next is read ahead, see :data:`READ_AHEAD`) and one output volume per
+    job, not the series. On the GPU each volume is uploaded once
     and stays on the device for all filters. Every parameter is validated
     before anything is read, and every output is written atomically: if
     anything fails, no output of this call appears.
@@ -190,7 +191,7 @@ class _Volumes:
             if item is not None:
                 self._pending = self._pool.submit(next, self._items, None)
         if item is None:
-            raise RuntimeError("volfilter: an input ended before its last volume")  # cannot happen: n from the header
+            raise RuntimeError("no volume left to read")  # cannot happen: the callers stop at `last`
         return item
 
     def close(self):
