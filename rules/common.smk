@@ -32,6 +32,9 @@ FILTER_NAMES = sorted(config["filters"])
 KERNEL_FILES = wf.kernel_files(config["filters"])
 BY_KEY = {v.key: v for v in VOLUMES}
 GPU_REQUEST = 1 if config.get("backend", "auto") == "gpu" else 0
+# CPU jobs: one thread each (README, Performance). GPU jobs run one at a time per GPU: give their
+# host-side gzip the cores that the other jobs' count would have used.
+FILTER_THREADS = config.get("gpu_threads", 8) if GPU_REQUEST else 1
 NII = ".nii.gz" if config.get("compress", True) else ".nii"  # the derived volumes' extension
 VOLUMES_PER_JOB = config.get("volumes_per_job", 1)
 CHUNKS = wf.chunks(VOLUMES, VOLUMES_PER_JOB)

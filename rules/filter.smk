@@ -36,7 +36,8 @@ if VOLUMES_PER_JOB == 1:
         # One thread per volume: Snakemake then runs as many volumes at once as it has cores, which
         # overlaps each job's serial parts (start-up, gzip decompression). 8 x 256^3 on 2 cores: 9.8-10.9 s
         # against 13.8-16.5 s with 2 threads per job. Few large volumes: --set-threads filter_volume=N.
-        threads: 1
+        # With backend: gpu, config gpu_threads.
+        threads: FILTER_THREADS
         resources:
             mem_mb=filter_mem_mb,
             runtime=filter_runtime,
@@ -76,7 +77,7 @@ else:
                 "filter"
             conda:
                 "../environment.yml"
-            threads: 1
+            threads: FILTER_THREADS
             resources:
                 mem_mb=chunk_mem_mb(chunk),
                 runtime=chunk_runtime(chunk),

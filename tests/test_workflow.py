@@ -304,3 +304,25 @@ def test_volumes_json_too_long_for_one_command_line_is_a_config_error():
     assert len(volumes_json([vol] * fits, ["a", "b", "c"], "/out", ".nii.gz", {})) <= MAX_COMMAND_JSON
     with pytest.raises(VolfilterError, match="volumes_per_job"):
         volumes_json([vol] * (fits + 5), ["a", "b", "c"], "/out", ".nii.gz", {})
+
+
+@pytest.mark.parametrize(
+    ("backend", "extra", "threads"),
+    [
+        ("cpu", [], 1),
+        ("gpu", ["-c16"], 8),
+        ("gpu", ["-c3"], 3),
+        ("gpu", ["-c16", "--config", "gpu_threads=4"], 4),
+        ("gpu", ["-c16", "--config", "volumes_per_job=2"], 8),
+    ],
+)
+def test_gpu_filter_jobs_get_gpu_threads_capped_at_cores(tmp_path, rng, backend, extra, threads):
+    """GPU jobs run one at a time per GPU: their host-side gzip gets gpu_threads, capped at --cores."""
+    src = tmp_path / "bids"
+    make_bids(src, rng)
+    config = {"input_dir": str(src), "output_dir": str(tmp_path / "deriv"), "suffixes": ["T1w"], "filters": FILTERS,
+              "backend": backend, "qc": False}  # fmt: skip
+    dry = snakemake(tmp_path, config, "-n", "-p", *extra)
+    commands = [line for line in dry.stdout.splitlines() if " batch " in line]
+    assert len(commands) == (1 if "volumes_per_job=2" in extra else 2), dry.stdout
+    assert all(f"--threads {threads} " in line for line in commands), commands
