@@ -117,7 +117,8 @@ class Backend:
 
     def staging(self, shape):
         """A host buffer for :meth:`to_host` to download float32 volumes of ``shape`` into, to be
-        reused by a stream of downloads: page-locked on the GPU, None on the CPU (nothing moves).
+        reused by a stream of downloads: page-locked on the GPU, None on the CPU (nothing moves)
+        or when the host cannot page-lock that much.
 
         A download into pageable memory took 23.7 ms per 64 MB on an H100 host (2.7 GB/s, measured
         by bench/bench.py), three times per volume for three filters.
@@ -126,7 +127,11 @@ class Backend:
             return None
         import cupyx
 
-        return cupyx.empty_pinned(tuple(shape), np.float32, order="F")
+        cupy = _cupy()
+        try:
+            return cupyx.empty_pinned(tuple(shape), np.float32, order="F")
+        except (cupy.cuda.memory.OutOfMemoryError, cupy.cuda.runtime.CUDARuntimeError):
+            return None  # no page-locked memory to spare: download to pageable memory, as before
 
     def to_host(self, array, out=None) -> np.ndarray:
         """A NumPy array; from the GPU in Fortran order, NIfTI's, into ``out`` when it fits

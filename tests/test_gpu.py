@@ -108,6 +108,26 @@ def test_gpu_downloads_into_one_reused_page_locked_buffer(rng):
     assert resolve("cpu").staging(x.shape) is None
 
 
+def test_gpu_staging_falls_back_to_pageable_downloads(rng, monkeypatch, tmp_path):
+    import cupy
+    import cupyx
+    import nibabel as nib
+
+    from pipeline.image import FilterJob, filter_file
+
+    def refuse(*args, **kwargs):
+        raise cupy.cuda.runtime.CUDARuntimeError(2)  # cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(cupyx, "empty_pinned", refuse)
+    assert resolve("gpu").staging((8, 8, 8)) is None
+    src = tmp_path / "in.nii.gz"
+    x = rng.normal(100, 30, (12, 11, 10)).astype(np.float32)
+    nib.Nifti1Image(x, np.diag([1.0, 1.5, 2.5, 1])).to_filename(src)
+    out = tmp_path / "out.nii.gz"
+    filter_file(src, [FilterJob("gaussian", {"fwhm_mm": 4.0}, str(out))], backend="gpu", sidecars=False)
+    _compare(apply_filter(x, VOX, "gaussian", fwhm_mm=4.0), nib.load(out).get_fdata())
+
+
 def test_gpu_batch_of_files_in_one_call_equals_cpu(nib_data, tmp_path):
     import nibabel as nib
 
