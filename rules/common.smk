@@ -31,12 +31,12 @@ EXAMPLE_DIR = os.path.join("resources", "example_bids")
 FILTER_NAMES = sorted(config["filters"])
 KERNEL_FILES = wf.kernel_files(config["filters"])
 BY_KEY = {v.key: v for v in VOLUMES}
-GPU_REQUEST = 1 if config.get("backend", "auto") == "gpu" else 0
+GPU_REQUEST = 1 if config["backend"] == "gpu" else 0
 # CPU jobs: one thread each (README, Performance). GPU jobs run one at a time per GPU: give their
 # host-side gzip the cores that the other jobs' count would have used.
-FILTER_THREADS = config.get("gpu_threads", 8) if GPU_REQUEST else 1
-NII = ".nii.gz" if config.get("compress", True) else ".nii"  # the derived volumes' extension
-VOLUMES_PER_JOB = config.get("volumes_per_job", 1)
+FILTER_THREADS = config["gpu_threads"] if GPU_REQUEST else 1
+NII = ".nii.gz" if config["compress"] else ".nii"  # the derived volumes' extension
+VOLUMES_PER_JOB = config["volumes_per_job"]
 CHUNKS = wf.chunks(VOLUMES, VOLUMES_PER_JOB)
 try:
     CHUNK_JSON = [wf.volumes_json(c, FILTER_NAMES, OUT, NII, MASKS) for c in CHUNKS] if VOLUMES_PER_JOB > 1 else []
@@ -164,6 +164,6 @@ def derivative_paths(ext):
 def all_outputs():
     outputs = derivative_paths(NII) + derivative_paths(".json")
     outputs.append(os.path.join(OUT, "dataset_description.json"))
-    if config.get("qc", True):
+    if config["qc"]:
         outputs += qc_outputs()
     return outputs
