@@ -179,7 +179,7 @@ class _Volumes:
     def _read(paths):
         for path in paths:
             with io.open_volumes(path) as stream:
-                n = stream.shape[3] if len(stream.shape) == 4 else 1
+                n = io.n_volumes(stream.shape)
                 for t, vol in enumerate(stream.volumes):
                     yield stream, vol, t == n - 1
 

@@ -299,8 +299,8 @@ def _read_volumes(proxy, fh, shape, path):
     slope, inter = float(proxy.slope), float(proxy.inter)
     try:
         fh.seek(int(proxy.offset))
-        n_volumes = shape[3] if len(shape) == 4 else 1
-        for t in range(n_volumes):
+        n = n_volumes(shape)
+        for t in range(n):
             buf = _read_exact(fh, n_bytes)
             if len(buf) < n_bytes:
                 raise VolfilterError(f"{path}: truncated: volume {t} ends after {len(buf)} of {n_bytes} bytes")
@@ -312,7 +312,7 @@ def _read_volumes(proxy, fh, shape, path):
                 vol *= np.float32(slope)
             if inter != 0.0:
                 vol += np.float32(inter)
-            if t == n_volumes - 1 and not isinstance(fh, io.BufferedReader):
+            if t == n - 1 and not isinstance(fh, io.BufferedReader):
                 _read_to_end(fh)  # before the last volume is used: a damaged input writes nothing
             yield vol
     except (OSError, EOFError, zlib.error) as exc:
@@ -358,6 +358,11 @@ def load(path) -> Volume:
         raise VolfilterError(f"{path}: every voxel is NaN or infinite; there is nothing to filter")
     # Detach from the (closed) file: the header and affine are all we keep.
     return Volume(header=img.header.copy(), affine=img.affine.copy(), data=data, path=path)
+
+
+def n_volumes(shape) -> int:
+    """The 3-D volumes of an image of ``shape`` (:func:`shape_of`): its 4th dimension, or 1."""
+    return shape[3] if len(shape) == 4 else 1
 
 
 def shape_of(img) -> tuple[int, ...]:
