@@ -90,6 +90,7 @@ def local_cluster(folder, partition="debug", timeout=60):
     env = {**os.environ, "SLURM_CONF": conf}
     procs = []
     made_link = False
+    log = None
     try:
         # The job step drops SLURM_CONF, so the system path must lead to this config too.
         os.makedirs(os.path.dirname(SYSTEM_CONF), exist_ok=True)
@@ -125,6 +126,8 @@ def local_cluster(folder, partition="debug", timeout=60):
                 p.wait()
         if made_link and os.path.islink(SYSTEM_CONF):
             os.unlink(SYSTEM_CONF)
+        if log is not None:
+            log.close()
 
 
 def _wait(predicate, timeout, what, folder, procs=()):

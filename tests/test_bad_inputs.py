@@ -4,6 +4,7 @@ and leaves the input bytes unchanged (CLI); the workflow isolates a bad subject.
 import gzip
 import hashlib
 import os
+import pathlib
 import time
 
 import nibabel as nib
@@ -14,7 +15,7 @@ from pipeline.cli import main
 
 
 def sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else None
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() if os.path.isfile(path) else None
 
 
 def header_only(path, shape, zooms=None):
@@ -36,7 +37,7 @@ def make_case(name, d, nib_data):
     good = nib_data("anatomical.nii")
     p = d / "in.nii.gz"
     if name == "truncated gz":
-        data = open(nib_data("example4d.nii.gz"), "rb").read()
+        data = pathlib.Path(nib_data("example4d.nii.gz")).read_bytes()
         p.write_bytes(data[: len(data) // 2])
     elif name == "damaged data, intact gzip trailer":  # noise deflates to stored blocks: only the CRC-32 tells
         nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32), np.eye(4)), p)
@@ -49,12 +50,12 @@ def make_case(name, d, nib_data):
     elif name == "gzip of random bytes":
         p.write_bytes(gzip.compress(os.urandom(3000)))
     elif name == "uncompressed named .gz":
-        p.write_bytes(open(good, "rb").read())
+        p.write_bytes(pathlib.Path(good).read_bytes())
     elif name == "empty file":
         p.write_bytes(b"")
     elif name == "header claims more data than the file holds":
         p = d / "in.nii"
-        p.write_bytes(open(good, "rb").read()[:-1000])
+        p.write_bytes(pathlib.Path(good).read_bytes()[:-1000])
     elif name == "header claims 30000^3 voxels":
         p = d / "in.nii"
         header_only(p, (30000, 30000, 30000))
@@ -73,24 +74,24 @@ def make_case(name, d, nib_data):
     elif name == "all Inf volume":
         nib.save(nib.Nifti1Image(np.full((4, 4, 4), np.inf, np.float32), np.eye(4)), p)
     elif name == "mask of wrong shape":
-        p.write_bytes(open(nib_data("example4d.nii.gz"), "rb").read())
+        p.write_bytes(pathlib.Path(nib_data("example4d.nii.gz")).read_bytes())
         nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4)), d / "mask.nii.gz")
         return p, ["--mask", str(d / "mask.nii.gz")]
     elif name == "mask of wrong orientation":
         src = nib.load(good)
-        p.write_bytes(gzip.compress(open(good, "rb").read(), mtime=0))
+        p.write_bytes(gzip.compress(pathlib.Path(good).read_bytes(), mtime=0))
         flipped = src.affine @ np.diag([-1, 1, 1, 1])
         nib.save(nib.Nifti1Image(np.ones(src.shape, np.uint8), flipped), d / "mask.nii.gz")
         return p, ["--mask", str(d / "mask.nii.gz")]
     elif name == "missing mask":
-        p.write_bytes(gzip.compress(open(good, "rb").read(), mtime=0))
+        p.write_bytes(gzip.compress(pathlib.Path(good).read_bytes(), mtime=0))
         return p, ["--mask", str(d / "nomask.nii.gz")]
     elif name == "kernel not odd-sized":
-        p.write_bytes(gzip.compress(open(good, "rb").read(), mtime=0))
+        p.write_bytes(gzip.compress(pathlib.Path(good).read_bytes(), mtime=0))
         (d / "k.txt").write_text("1 1\n1 1\n")
         return p, ["--filter", "kernel", "--kernel-file", str(d / "k.txt")]
     elif name == "kernel not numeric":
-        p.write_bytes(gzip.compress(open(good, "rb").read(), mtime=0))
+        p.write_bytes(gzip.compress(pathlib.Path(good).read_bytes(), mtime=0))
         (d / "k.txt").write_text("1 x 1\n")
         return p, ["--filter", "kernel", "--kernel-file", str(d / "k.txt")]
     elif name == "not a NIfTI name":
@@ -166,7 +167,7 @@ def test_unwritable_output_folder(nib_data, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["with space.nii.gz", "ünïcødé_T1w.nii.gz", "a..b.nii.gz"])
 def test_awkward_but_valid_names_work(name, nib_data, tmp_path, capsys):
     src = tmp_path / name
-    src.write_bytes(open(nib_data("example4d.nii.gz"), "rb").read())
+    src.write_bytes(pathlib.Path(nib_data("example4d.nii.gz")).read_bytes())
     out = tmp_path / ("out " + name)
     assert main(["apply", str(src), str(out), "--filter", "box"]) == 0, capsys.readouterr().err
     assert nib.load(out).shape == (128, 96, 24, 2)
@@ -175,7 +176,7 @@ def test_awkward_but_valid_names_work(name, nib_data, tmp_path, capsys):
 def test_dotdot_path_is_just_a_path(nib_data, tmp_path, capsys):
     (tmp_path / "sub").mkdir()
     src = tmp_path / "in.nii.gz"
-    src.write_bytes(open(nib_data("example4d.nii.gz"), "rb").read())
+    src.write_bytes(pathlib.Path(nib_data("example4d.nii.gz")).read_bytes())
     out = tmp_path / "sub" / ".." / "o.nii.gz"
     assert main(["apply", str(src), str(out), "--filter", "identity"]) == 0
     assert (tmp_path / "o.nii.gz").exists()

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from pipeline.cli import main
 
 
 def digest(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def run_cli(capsys, *args):
@@ -82,7 +83,7 @@ def test_filters_lists_every_filter(capsys):
 
 def test_output_same_as_input_refused(nib_data, tmp_path, capsys):
     src = tmp_path / "a.nii.gz"
-    src.write_bytes(open(nib_data("example4d.nii.gz"), "rb").read())
+    src.write_bytes(pathlib.Path(nib_data("example4d.nii.gz")).read_bytes())
     before = digest(src)
     rc, _, err = run_cli(capsys, "apply", src, src, "--filter", "identity")
     assert_one_line_error(rc, err, "overwrite the input")

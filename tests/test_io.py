@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import pathlib
 import warnings
 
 import nibabel as nib
@@ -249,7 +250,7 @@ def test_truncated_uncompressed_refused(tmp_path):
 
 
 def test_truncated_gz_refused(nib_data, tmp_path):
-    data = open(nib_data("example4d.nii.gz"), "rb").read()
+    data = pathlib.Path(nib_data("example4d.nii.gz")).read_bytes()
     path = tmp_path / "cut.nii.gz"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(VolfilterError, match="truncated|corrupt"):
@@ -274,7 +275,7 @@ def test_not_nifti_refused(tmp_path, content, name, fragment):
 
 def test_uncompressed_named_gz_refused(nib_data, tmp_path):
     path = tmp_path / "plain.nii.gz"
-    path.write_bytes(open(nib_data("anatomical.nii"), "rb").read())
+    path.write_bytes(pathlib.Path(nib_data("anatomical.nii")).read_bytes())
     with pytest.raises(VolfilterError, match="not gzip-compressed"):
         vio.load(path)
 

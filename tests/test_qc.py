@@ -1,5 +1,6 @@
 """QC: the smoothness estimator against known FWHM, metrics, figures, determinism."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -119,9 +120,9 @@ def test_volume_qc_figures_are_nonblank_sized_and_deterministic(nib_data, tmp_pa
 
     img = imread(pngs["s6"])
     assert img[..., :3].std() > 0.05  # not blank
-    first = open(pngs["s6"], "rb").read()
+    first = pathlib.Path(pngs["s6"]).read_bytes()
     qc.volume_qc(src, derived, pngs, tmp_path / "m2.tsv", "sub-01")
-    assert open(pngs["s6"], "rb").read() == first
+    assert pathlib.Path(pngs["s6"]).read_bytes() == first
     smooth = next(r for r in rows if r["filter"] == "s6")
     assert smooth["out_fwhm_x_mm"] > smooth["in_fwhm_x_mm"] + 3  # a 6 mm Gaussian raised the smoothness
     table = qc.read_tsv(tmp_path / "m.tsv")

@@ -1,6 +1,7 @@
 """Reading the next volume while the current one is filtered and written (pipeline.image.READ_AHEAD)."""
 
 import hashlib
+import pathlib
 import threading
 
 import nibabel as nib
@@ -16,7 +17,7 @@ JOBS = (("gaussian", {"fwhm_mm": 3}), ("sobel", {}))
 
 
 def digest(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture
