@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <sys/mman.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -220,7 +221,80 @@ static int64_t buffer_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 /* n floats on a cache-line boundary (at least one line, so that n = 0 is not a failure). */
 static float *alloc64(int64_t n) { return aligned_alloc(64, (size_t)(n > 16 ? (n * 4 + 63) / 64 * 64 : 64)); }
 
-/* Separable correlation with one odd 1-D kernel per axis, in two sweeps over memory. First, per
+/* One sweep over memory for a short symmetric kernel along k: each thread takes a run of output
+ * planes, smooths each input plane in-plane once into a ring of 2 rk + RING_G planes (its own
+ * buffer, on 2 MB pages where the kernel allows: the ring's planes are read across many pages at
+ * once), and then writes RING_G output planes at a time from the ring along k, so the input is read
+ * once and the output written once. Worth it only while the ring stays in cache: on the 2-core
+ * VM, 256^3, 2 threads, against the two sweeps of vf_separable: box of 3 31 -> 19 ms, Gaussian of
+ * 7 taps 34 -> 24 ms, but 15 taps 38 -> 41 ms and 21 taps 45 -> 64 ms (ring of 4, 8, 16, 22
+ * planes of 256 KB). Runs of RING_RUN planes, handed out dynamically, so that a busy core does not
+ * hold the others up; the 2 rk planes of halo are smoothed by both neighbouring runs. A volume under
+ * PARALLEL_MIN voxels stays in cache in two sweeps too, and there the halo's extra in-plane work
+ * made it slower (64x64x40, Gaussian of 21 taps: 0.85 -> 1.44 ms), so it keeps the two sweeps. */
+#define RING_G 2
+#define RING_MAX_BYTES (2 << 20)
+#define RING_RUN 32
+
+static float *alloc_huge(int64_t n, size_t *bytes) {
+    size_t huge = (size_t)1 << 21, nb = ((size_t)n * sizeof(float) + huge - 1) / huge * huge;
+    void *p = NULL;
+    if (posix_memalign(&p, huge, nb) != 0) return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, nb, MADV_HUGEPAGE);  /* a hint: without it the ring is on 4 KB pages, same bits */
+#endif
+    *bytes = nb;
+    return p;
+}
+
+static int ring_fits(int64_t plane, int64_t rk) { return (2 * rk + RING_G) * plane * (int64_t)sizeof(float) <= RING_MAX_BYTES; }
+
+static int separable_ring(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
+                          const float *wk, int64_t Tk, const float *wj, int64_t Tj, const float *wi, int64_t Ti, int mode) {
+    int failed = 0;
+    int64_t plane = ny * nx, ri = (Ti - 1) / 2, rj = (Tj - 1) / 2, rk = (Tk - 1) / 2;
+    int sj = is_symmetric(wj, Tj), si = is_symmetric(wi, Ti);
+    int64_t R = 2 * rk + RING_G, ps = plane + 16;  /* ring planes a cache line apart in the cache sets */
+    int64_t bs = buffer_stride(nx), zlen = plane > bs ? plane : bs;
+    int64_t n_runs = (nz + RING_RUN - 1) / RING_RUN;
+#pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
+    {
+        size_t ring_bytes = 0;
+        float *ring = alloc_huge(R * ps, &ring_bytes);
+        float *buf = alloc64(ny * bs), *pad = alloc64(nx + 2 * ri), *zero = alloc64(zlen);
+        const float **src = malloc((size_t)Ti * sizeof(float *));
+        const float **jrows = malloc((size_t)(ny + 2 * rj) * sizeof(float *));
+        const float **krows = malloc((size_t)R * sizeof(float *));
+        if (all_allocated(ring && buf && pad && zero && src && jrows && krows, &failed)) {
+            memset(zero, 0, (size_t)zlen * sizeof(float));
+            tap_table(jrows, buf, bs, ny, rj, mode, zero);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t run = 0; run < n_runs; run++) {
+                int64_t k0 = run * RING_RUN, k1 = k0 + RING_RUN < nz ? k0 + RING_RUN : nz;
+                int64_t next = k0 - rk;  /* the next input plane (before border mapping) to smooth */
+                for (int64_t g0 = k0; g0 < k1; g0 += RING_G) {
+                    int64_t g1 = g0 + RING_G < k1 ? g0 + RING_G : k1;
+                    for (; next <= g1 - 1 + rk; next++) {
+                        int64_t m = map_index(next, nz, mode);
+                        if (m < 0) continue;  /* constant mode: the zero plane stands in */
+                        pass_rows(buf, bs, x + m * plane, ny, nx, wi, Ti, si, mode, pad, src);
+                        pass_cols(ring + ((next - (k0 - rk)) % R) * ps, nx, jrows, ny, nx, wj, Tj, sj);
+                    }
+                    for (int64_t q = 0; q < g1 - g0 + 2 * rk; q++) {
+                        int64_t p = g0 - rk + q;
+                        krows[q] = map_index(p, nz, mode) < 0 ? zero : ring + ((p - (k0 - rk)) % R) * ps;
+                    }
+                    sym_cols(out + g0 * plane, plane, krows, g1 - g0, plane, wk, rk);
+                }
+            }
+        }
+        free(ring); free(buf); free(pad); free(zero); free(src); free(jrows); free(krows);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Separable correlation with one odd 1-D kernel per axis. A large volume with a short symmetric
+ * kernel along k goes through separable_ring (one sweep); otherwise two sweeps over memory. First, per
  * plane: along the rows (i) into a plane buffer, then along the columns (j) into `out`; a 256x256
  * plane stays in L2. Then along k, in place on `out`, per chunk of the plane: the chunk's column
  * through all planes is copied to a thread buffer (~1 MB) that serves all taps. */
@@ -229,6 +303,7 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
     int failed = 0;
     int64_t plane = ny * nx, ri = (Ti - 1) / 2, rj = (Tj - 1) / 2, rk = (Tk - 1) / 2;
     int sk = is_symmetric(wk, Tk), sj = is_symmetric(wj, Tj), si = is_symmetric(wi, Ti);
+    if (sk && nz * plane >= PARALLEL_MIN && ring_fits(plane, rk)) return separable_ring(x, out, nz, ny, nx, wk, Tk, wj, Tj, wi, Ti, mode);
     int64_t cw = (262144 / (nz > 0 ? nz : 1)) / 32 * 32;
     if (cw < 32) cw = 32;
     if (cw > plane) cw = plane;

@@ -100,13 +100,18 @@ def _scipy_separable(x, weights, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", [(37, 45, 70), (5, 33, 17), (24, 1, 40)])
+@pytest.mark.parametrize("shape", [(37, 45, 70), (5, 33, 17), (24, 1, 40), (67, 128, 125)])
 def test_separable_kernel_equals_scipy_correlate1d(mode, shape, rng):
-    """Odd row counts (the row-pair code's leftover), widths off the 8/16/32 blocks, kernels longer than an axis."""
+    """Odd row counts (the row-pair code's leftover), widths off the 8/16/32 blocks, kernels longer than an axis.
+
+    (67, 128, 125) is over 2**20 voxels, where a short symmetric kernel along the first axis takes
+    the one-sweep path (separable_ring: runs of 32 planes, 2 at a time; 67 leaves a run of 3).
+    """
     x = rng.normal(100, 30, shape).astype(np.float32)
     cases = [
         [fast.gaussian_weights(2.5), fast.gaussian_weights(1.2), fast.gaussian_weights(3.3)],  # symmetric
         [np.array([0.1, 0.5, 0.2], np.float32), np.array([1.0], np.float32), np.array([0.3, 0.3, -0.4, 1.0, 0.2])],
+        [np.full(3, 1 / 3, np.float32), np.array([0.2, 0.5, 0.3], np.float32), fast.gaussian_weights(0.8)],
     ]
     for weights in cases:
         ours = fast.separable(x, weights, mode)
@@ -139,6 +144,9 @@ x[3, 4, 5] = np.nan  # the missing-data path too
 np.save(sys.argv[2] + "/k.npy", np.arange(27.0).reshape(3, 3, 3) - 13)
 params = {"gaussian": {"fwhm_mm": 5.0}, "unsharp": {"fwhm_mm": 3.0}, "kernel": {"kernel_file": sys.argv[2] + "/k.npy"}}
 out = {n: apply_filter(x, (1.0, 1.3, 2.0), n, **params.get(n, {})) for n in FILTERS}
+big = np.asfortranarray(np.random.default_rng(8).normal(100, 30, (125, 128, 67)).astype(np.float32))  # > 2**20
+out["gaussian_large"] = apply_filter(big, (1.0, 1.0, 2.5), "gaussian", fwhm_mm=4.0)  # one sweep (short along k)
+out["box_large"] = apply_filter(big, (1.0, 1.0, 1.0), "box", size_vox=3)
 np.savez(sys.argv[1], **out)
 """
 
