@@ -226,9 +226,9 @@ static float *alloc64(int64_t n) { return aligned_alloc(64, (size_t)(n > 16 ? (n
  * buffer, on 2 MB pages where the kernel allows: the ring's planes are read across many pages at
  * once), and then writes RING_G output planes at a time from the ring along k, so the input is read
  * once and the output written once. Worth it only while the ring stays in cache: on the 2-core
- * VM, 256^3, 2 threads, against the two sweeps of vf_separable: box of 3 31 -> 19 ms, Gaussian of
- * 7 taps 34 -> 24 ms, but 15 taps 38 -> 41 ms and 21 taps 45 -> 64 ms (ring of 4, 8, 16, 22
- * planes of 256 KB). Runs of RING_RUN planes, handed out dynamically, so that a busy core does not
+ * VM, 256^3, 2 threads, against the two sweeps of vf_separable: box of 3 32 -> 20 ms, Gaussian of
+ * 7 taps 33 -> 24 ms, but 15 taps 38 -> 41 ms and 21 taps 45 -> 64 ms (rings of 4, 8, 16, 22
+ * planes of 256 KB; the planes on 4 KB pages made the 21 taps slower still). Runs of RING_RUN planes, handed out dynamically, so that a busy core does not
  * hold the others up; the 2 rk planes of halo are smoothed by both neighbouring runs. A volume under
  * PARALLEL_MIN voxels stays in cache in two sweeps too, and there the halo's extra in-plane work
  * made it slower (64x64x40, Gaussian of 21 taps: 0.85 -> 1.44 ms), so it keeps the two sweeps. */
@@ -236,14 +236,14 @@ static float *alloc64(int64_t n) { return aligned_alloc(64, (size_t)(n > 16 ? (n
 #define RING_MAX_BYTES (2 << 20)
 #define RING_RUN 32
 
-static float *alloc_huge(int64_t n, size_t *bytes) {
+/* n floats on whole 2 MB pages where the kernel grants them (a hint; 4 KB pages give the same bits). */
+static float *alloc_huge(int64_t n) {
     size_t huge = (size_t)1 << 21, nb = ((size_t)n * sizeof(float) + huge - 1) / huge * huge;
     void *p = NULL;
     if (posix_memalign(&p, huge, nb) != 0) return NULL;
 #ifdef MADV_HUGEPAGE
-    madvise(p, nb, MADV_HUGEPAGE);  /* a hint: without it the ring is on 4 KB pages, same bits */
+    madvise(p, nb, MADV_HUGEPAGE);
 #endif
-    *bytes = nb;
     return p;
 }
 
@@ -257,10 +257,9 @@ static int separable_ring(const float *x, float *out, int64_t nz, int64_t ny, in
     int64_t R = 2 * rk + RING_G, ps = plane + 16;  /* ring planes a cache line apart in the cache sets */
     int64_t bs = buffer_stride(nx), zlen = plane > bs ? plane : bs;
     int64_t n_runs = (nz + RING_RUN - 1) / RING_RUN;
-#pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
+#pragma omp parallel  /* vf_separable sends only volumes of PARALLEL_MIN voxels or more */
     {
-        size_t ring_bytes = 0;
-        float *ring = alloc_huge(R * ps, &ring_bytes);
+        float *ring = alloc_huge(R * ps);
         float *buf = alloc64(ny * bs), *pad = alloc64(nx + 2 * ri), *zero = alloc64(zlen);
         const float **src = malloc((size_t)Ti * sizeof(float *));
         const float **jrows = malloc((size_t)(ny + 2 * rj) * sizeof(float *));
