@@ -351,6 +351,12 @@ def _axes_reversed(params: dict) -> dict:
     return out
 
 
+# Filters whose compiled kernels check, as they read the input, that it is all finite (and raise
+# NonFiniteInput when not): no pass over the volume of its own before them. Each one's first kernel
+# reads the input itself; the missing-data path below hands them finite arrays only.
+_KERNELS_CHECK_FINITE = frozenset({"box", "gaussian", "sobel", "prewitt", "sharpen", "unsharp", "emboss", "kernel"})
+
+
 def filter_volume(x, voxel_mm, name, params, *, mode="reflect", mask=None):
     """Filter one 3-D volume, honouring NaN voxels and an optional boolean mask.
 
@@ -367,8 +373,14 @@ def filter_volume(x, voxel_mm, name, params, *, mode="reflect", mask=None):
         raise VolfilterError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     x = x.astype(xp.float32, copy=False)
     fast = fast_cpu(x)
-    if mask is None and fast and fast.all_finite(x):  # the common case, without a mask array
-        return spec.func(x, voxel_mm, mode=mode, **params)
+    if mask is None and fast:  # the common case: all finite, no mask array
+        if name in _KERNELS_CHECK_FINITE:
+            try:
+                return spec.func(x, voxel_mm, mode=mode, **params)
+            except fast.NonFiniteInput:
+                pass
+        elif fast.all_finite(x):
+            return spec.func(x, voxel_mm, mode=mode, **params)
     if fast is None and _fortran_numpy(x):  # scipy.ndimage's path
         mask_view = None if mask is None else mask.T
         return filter_volume(x.T, voxel_mm[::-1], name, _axes_reversed(params), mode=mode, mask=mask_view).T

@@ -138,7 +138,16 @@ def _f32(values) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32)
 
 
+class NonFiniteInput(ValueError):
+    """The input held NaN or infinity: the filter kernels check as they read and stop early.
+
+    Not an error: :func:`pipeline.filters.filter_volume` then takes its missing-data path.
+    """
+
+
 def _check(rc: int) -> None:
+    if rc == 1:
+        raise NonFiniteInput("the input is not all finite")
     if rc != 0:
         raise MemoryError("native kernel could not allocate its plane buffers")
 

@@ -269,3 +269,64 @@ def test_current_library_preferred_to_a_stale_one_beside_it(tmp_path):
     used, err, out = _which_kernels(tmp_path)
     assert used == str(current), err
     assert "RuntimeWarning" not in err
+
+
+_KERNEL_CALLS = {
+    "separable, one sweep": lambda x: fast.separable(x, [fast.gaussian_weights(0.8)] * 3),
+    "separable, two sweeps": lambda x: fast.separable(x, [fast.gaussian_weights(2.5)] * 3),
+    "separable, small volume": lambda x: fast.separable(x[:9, :10, :11], [fast.gaussian_weights(2.5)] * 3),
+    "gradient": lambda x: fast.gradient(x, (1.0, 1.0, 1.0), "magnitude", (1.0, 2.0, 1.0)),
+    "gradient along k": lambda x: fast.gradient(x, (1.0, 1.0, 1.0), 0, (1.0, 2.0, 1.0)),
+    "sharpen": lambda x: fast.sharpen(x, 1.0),
+    "correlate": lambda x: fast.correlate(x, np.arange(27, dtype=np.float32).reshape(3, 3, 3) - 13),
+}
+
+
+@pytest.mark.parametrize("call", list(_KERNEL_CALLS))
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_kernels_refuse_non_finite_input_as_they_read_it(call, bad, rng):
+    """The kernels check finiteness while reading (no pass of its own): a NaN or infinity anywhere,
+    the first voxel, the last or one inside, with any thread count, gives NonFiniteInput."""
+    x = rng.normal(100, 30, (67, 128, 125)).astype(np.float32)  # over 2**20 voxels: threads, both sweeps
+    x[5, 7, 9] = 3.4e38  # large but finite
+    fn = _KERNEL_CALLS[call]
+    fn(x)  # finite: no complaint
+    small = call.endswith("small volume")
+    for where in [(0, 0, 0), (8, 9, 10) if small else (66, 127, 124), (4, 3, 2) if small else (40, 64, 3)]:
+        y = x.copy()
+        y[where] = bad
+        for n in (1, 2, 3):
+            fast.set_threads(n)
+            with pytest.raises(fast.NonFiniteInput):
+                fn(y)
+    fast.set_threads(None)
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("gaussian", {"fwhm_mm": 5.0}),  # 7 taps along the 2.5 mm axis: the one-sweep path
+        ("gaussian", {"fwhm_mm": 12.0}),  # the two sweeps
+        ("box", {}),
+        ("sobel", {}),
+        ("prewitt", {"axis": "2"}),
+        ("sharpen", {}),
+        ("unsharp", {"fwhm_mm": 4.0}),
+        ("emboss", {}),
+    ],
+)
+def test_missing_data_found_by_the_kernels_gives_the_same_result(name, params, rng, monkeypatch):
+    """A volume with NaN and infinity, filtered with the kernels' own check, equals the same volume
+    filtered after a separate finiteness pass (the missing-data path, as before the check moved)."""
+    import pipeline.filters as filters
+
+    x = np.asfortranarray(rng.normal(100, 30, (72, 128, 120)).astype(np.float32))
+    x[0, 0, 0] = np.nan
+    x[40, 50, 60] = np.inf
+    x[71, 127, 119] = np.nan
+    ours = apply_filter(x, VOX, name, **params)
+    monkeypatch.setattr(filters, "_KERNELS_CHECK_FINITE", frozenset())
+    ref = apply_filter(x, VOX, name, **params)
+    assert np.isnan(ours[0, 0, 0]) and np.isnan(ours[40, 50, 60]) and np.isnan(ours[71, 127, 119])
+    assert np.array_equal(ours, ref, equal_nan=True)
+    assert ours.flags.f_contiguous
