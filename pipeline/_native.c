@@ -592,6 +592,68 @@ int vf_histogram(const float *x, int64_t n, const double *edges, int64_t nbins, 
     return failed ? -1 : 0;
 }
 
+/* Missing data (pipeline/filters.py: filter_volume), each step one pass over memory, in place of
+ * NumPy's several passes with a full-size temporary each: on the 2-core VM a 256^3 volume with a
+ * brain-shaped mask took 163 ms (Gaussian) and 267 ms (sharpen) against 49 and 18 ms without.
+ * Blocks of 64k voxels are handed out dynamically; every voxel is computed alone, so the results
+ * are those of the NumPy forms, bit for bit. Arrays are flat runs of n voxels in one memory order. */
+static inline int finite_at(const float *x, int64_t i) {
+    uint32_t u;
+    memcpy(&u, x + i, sizeof u);
+    return (u & 0x7f800000u) != 0x7f800000u;
+}
+
+/* valid = x finite and (no mask, or mask != 0); w = valid ? 1 : 0; filled = valid ? x : 0.
+ * Returns the number of valid voxels. */
+int64_t vf_missing_prepare(const float *x, const uint8_t *mask, float *w, float *filled, int64_t n) {
+    int64_t count = 0;
+#pragma omp parallel for schedule(dynamic, 16) reduction(+ : count) if (n >= PARALLEL_MIN)
+    for (int64_t b = 0; b < n; b += 65536) {
+        int64_t e = b + 65536 < n ? b + 65536 : n, c = 0;
+        for (int64_t i = b; i < e; i++) {
+            int v = finite_at(x, i) && (mask == NULL || mask[i] != 0);
+            w[i] = v ? 1.0f : 0.0f;
+            filled[i] = v ? x[i] : 0.0f;
+            c += v;
+        }
+        count += c;
+    }
+    return count;
+}
+
+/* One ring of the fill: where w == 0 and count > 0, filled = total / count and w = 1 (count and
+ * total are box means of w and filled). Returns how many voxels it filled. */
+int64_t vf_fill_ring(float *filled, float *w, const float *count, const float *total, int64_t n) {
+    int64_t grown = 0;
+#pragma omp parallel for schedule(dynamic, 16) reduction(+ : grown) if (n >= PARALLEL_MIN)
+    for (int64_t b = 0; b < n; b += 65536) {
+        int64_t e = b + 65536 < n ? b + 65536 : n, c = 0;
+        for (int64_t i = b; i < e; i++)
+            if (w[i] == 0.0f && count[i] > 0.0f) {
+                filled[i] = total[i] / count[i];
+                w[i] = 1.0f;
+                c++;
+            }
+        grown += c;
+    }
+    return grown;
+}
+
+/* The last step: out = out / den (when den is given), then NaN where x is not finite, then 0
+ * outside the mask (when given). */
+void vf_missing_finish(float *out, const float *den, const float *x, const uint8_t *mask, int64_t n) {
+#pragma omp parallel for schedule(dynamic, 16) if (n >= PARALLEL_MIN)
+    for (int64_t b = 0; b < n; b += 65536) {
+        int64_t e = b + 65536 < n ? b + 65536 : n;
+        for (int64_t i = b; i < e; i++) {
+            float v = den ? out[i] / den[i] : out[i];
+            if (!finite_at(x, i)) v = NAN;
+            if (mask != NULL && mask[i] == 0) v = 0.0f;
+            out[i] = v;
+        }
+    }
+}
+
 /* out = a x + b y */
 void vf_axpby(const float *x, const float *y, float *out, int64_t n, float a, float b) {
 #pragma omp parallel for schedule(dynamic, 65536) if (n >= PARALLEL_MIN)

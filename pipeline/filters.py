@@ -302,22 +302,27 @@ def check_params(name: str, params: dict) -> dict:
 # Missing data, masks and 4-D
 
 
-def _fill_missing(x, valid, radius: int, mode: str):
+def _fill_missing(w, filled, radius: int, mode: str):
     """Extend the valid data into missing voxels, one ring per step, ``radius`` rings deep.
 
-    Each missing voxel next to valid data takes the mean of its valid
-    neighbours (3×3×3); repeating ``radius`` times covers everything a kernel of
-    that radius reaches from a valid voxel, and the rest is set to 0 (it cannot
-    influence any kept output). Signed kernels (derivatives, sharpen, emboss)
+    ``w`` is 1 at valid voxels and 0 elsewhere, ``filled`` the data at valid voxels and 0
+    elsewhere (float32 both; the compiled path updates them in place). Each missing voxel next
+    to valid data takes the mean of its valid neighbours (3×3×3); repeating ``radius`` times
+    covers everything a kernel of that radius reaches from a valid voxel, and the rest stays 0
+    (it cannot influence any kept output). Signed kernels (derivatives, sharpen, emboss)
     then see the edge of the valid region the way they see the edge of the
     image, instead of a cliff down to zero or NaN. Unlike a nearest-voxel fill
     it has no ties to break, so CPU and GPU agree.
     """
-    xp, ndi = namespace(x)
-    w = valid.astype(xp.float32)
-    filled = xp.where(valid, x, xp.float32(0))
+    xp, _ = namespace(filled)
+    fast = fast_cpu(filled)
     for _ in range(radius):
         count = box(w, (1, 1, 1), size_vox=3, mode=mode)
+        if fast is not None:  # one pass in C; that nothing grew shows only after the second box
+            total = box(filled, (1, 1, 1), size_vox=3, mode=mode)
+            if fast.fill_ring(filled, w, count, total) == 0:
+                break
+            continue
         grow = (w == 0) & (count > 0)
         if not bool(grow.any()):
             break
@@ -384,26 +389,39 @@ def filter_volume(x, voxel_mm, name, params, *, mode="reflect", mask=None):
     if fast is None and _fortran_numpy(x):  # scipy.ndimage's path
         mask_view = None if mask is None else mask.T
         return filter_volume(x.T, voxel_mm[::-1], name, _axes_reversed(params), mode=mode, mask=mask_view).T
-    finite = xp.isfinite(x)
-    valid = finite if mask is None else finite & mask
-    if bool(valid.all()):
+    if fast is not None:  # the steps below in single passes of C (the same results)
+        w, filled, n_valid = fast.missing_prepare(x, mask)
+        all_valid, any_valid = n_valid == x.size, n_valid > 0
+    else:
+        finite = xp.isfinite(x)
+        valid = finite if mask is None else finite & mask
+        all_valid, any_valid = bool(valid.all()), bool(valid.any())
+        if any_valid and not all_valid:
+            w, filled = valid.astype(xp.float32), xp.where(valid, x, xp.float32(0))
+    if all_valid:
         return spec.func(x, voxel_mm, mode=mode, **params)
-    if not bool(valid.any()):
-        out = xp.full(x.shape, xp.nan, dtype=xp.float32)
+    den = None
+    if not any_valid:
+        out = xp.full(x.shape, xp.nan, dtype=xp.float32, order="F" if _fortran_numpy(x) else "C")
     elif spec.smoothing or name == "unsharp":
-        w = valid.astype(xp.float32)
         smoothing_fn = spec.func if spec.smoothing else gaussian
         smoothing_params = params if spec.smoothing else {"fwhm_mm": params["fwhm_mm"]}
-        num = smoothing_fn(xp.where(valid, x, xp.float32(0)), voxel_mm, mode=mode, **smoothing_params)
+        out = smoothing_fn(filled, voxel_mm, mode=mode, **smoothing_params)
         den = smoothing_fn(w, voxel_mm, mode=mode, **smoothing_params)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            num /= den
-        out = num
         if name == "unsharp":
-            out = unsharp(xp.where(valid, x, out), voxel_mm, mode=mode, _blur=out, **params)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out /= den
+            den = None
+            out = unsharp(xp.where(w != 0, x, out), voxel_mm, mode=mode, _blur=out, **params)
     else:
         radius = max(params["kernel"].shape) // 2 if name == "kernel" else 1
-        out = spec.func(_fill_missing(x, valid, radius, mode), voxel_mm, mode=mode, **params)
+        out = spec.func(_fill_missing(w, filled, radius, mode), voxel_mm, mode=mode, **params)
+    if fast is not None:
+        fast.missing_finish(out, x, mask, den)  # out / den, NaN where x is not finite, 0 outside mask
+        return out
+    if den is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out /= den
     out[~finite] = xp.nan
     if mask is not None:
         out[~mask] = 0

@@ -119,6 +119,13 @@ _lib.vf_fwhm_sums.argtypes = [_F, ctypes.c_void_p, _I, _I, _I, ctypes.POINTER(ct
 _lib.vf_fwhm_sums.restype = ctypes.c_int
 _lib.vf_histogram.argtypes = [_F, _I, ctypes.POINTER(ctypes.c_double), _I, ctypes.POINTER(ctypes.c_int64)]
 _lib.vf_histogram.restype = ctypes.c_int
+_U8 = ctypes.POINTER(ctypes.c_uint8)
+_lib.vf_missing_prepare.argtypes = [_F, _U8, _F, _F, _I]
+_lib.vf_missing_prepare.restype = ctypes.c_int64
+_lib.vf_fill_ring.argtypes = [_F, _F, _F, _F, _I]
+_lib.vf_fill_ring.restype = ctypes.c_int64
+_lib.vf_missing_finish.argtypes = [_F, _F, _F, _U8, _I]
+_lib.vf_missing_finish.restype = None
 _lib.vf_set_threads.argtypes = [ctypes.c_int]
 _lib.vf_max_threads.restype = ctypes.c_int
 _ALL_THREADS = _lib.vf_max_threads()
@@ -272,3 +279,57 @@ def axpby(x, y, a, b):
     out = np.empty(vy.shape, np.float32)
     _lib.vf_axpby(_p(vx), _p(vy), _p(out), out.size, float(a), float(b))
     return _finish(out, t)
+
+
+# Missing data (pipeline.filters.filter_volume): the NumPy steps as single passes in C, same results.
+
+
+def _flat(a: np.ndarray, order: str) -> np.ndarray:
+    """The voxels of ``a`` as one run in ``order`` (a view: the callers pass arrays laid out so)."""
+    flat = a.ravel(order=order)
+    if not np.shares_memory(flat, a):
+        raise ValueError("array is not contiguous in the expected order")
+    return flat
+
+
+def _mask_flat(mask, shape, order):
+    if mask is None:
+        return None, None
+    if mask.shape != shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the volume's {shape}")
+    m = np.asarray(mask, dtype=bool, order=order)
+    return m, _flat(m.view(np.uint8), order).ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
+
+def missing_prepare(x, mask=None):
+    """``(w, filled, n_valid)`` for a contiguous 3-D float32 ``x``: valid = finite and inside
+    ``mask``; ``w`` = valid as 1.0/0.0, ``filled`` = x where valid else 0, both in x's memory order."""
+    order = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
+    x = np.asarray(x, dtype=np.float32, order=order)
+    keep, m = _mask_flat(mask, x.shape, order)
+    w = np.empty(x.shape, np.float32, order=order)
+    filled = np.empty(x.shape, np.float32, order=order)
+    n = _lib.vf_missing_prepare(_p(_flat(x, order)), m, _p(_flat(w, order)), _p(_flat(filled, order)), x.size)
+    del keep
+    return w, filled, int(n)
+
+
+def fill_ring(filled, w, count, total) -> int:
+    """In place: where ``w`` is 0 and ``count`` > 0, ``filled`` = total / count and ``w`` = 1
+    (all four float32, same shape and memory order). Returns how many voxels were filled."""
+    order = "F" if filled.flags.f_contiguous and not filled.flags.c_contiguous else "C"
+    count = np.asarray(count, dtype=np.float32, order=order)
+    total = np.asarray(total, dtype=np.float32, order=order)
+    flats = [_flat(a, order) for a in (filled, w, count, total)]
+    return int(_lib.vf_fill_ring(*(_p(f) for f in flats), filled.size))
+
+
+def missing_finish(out, x, mask=None, den=None) -> None:
+    """In place on ``out``: divide by ``den`` (when given), NaN where ``x`` is not finite, 0 outside
+    ``mask`` (when given)."""
+    order = "F" if out.flags.f_contiguous and not out.flags.c_contiguous else "C"
+    x = np.asarray(x, dtype=np.float32, order=order)
+    keep, m = _mask_flat(mask, out.shape, order)
+    d = None if den is None else _p(_flat(np.asarray(den, dtype=np.float32, order=order), order))
+    _lib.vf_missing_finish(_p(_flat(out, order)), d, _p(_flat(x, order)), m, out.size)
+    del keep

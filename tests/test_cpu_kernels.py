@@ -330,3 +330,49 @@ def test_missing_data_found_by_the_kernels_gives_the_same_result(name, params, r
     assert np.isnan(ours[0, 0, 0]) and np.isnan(ours[40, 50, 60]) and np.isnan(ours[71, 127, 119])
     assert np.array_equal(ours, ref, equal_nan=True)
     assert ours.flags.f_contiguous
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("mask_order", [None, "C", "F"])
+def test_missing_data_passes_equal_their_numpy_forms(order, mask_order, rng):
+    """The missing-data path's single passes in C equal the NumPy steps they replace, bit for bit."""
+    x = np.asarray(rng.normal(100, 30, (67, 128, 125)).astype(np.float32), order=order)  # > 2**20: threads
+    x[rng.random(x.shape) < 0.05] = np.nan
+    x[0, 0, 0], x[-1, -1, -1] = np.inf, -np.inf
+    mask = None if mask_order is None else np.asarray(rng.random(x.shape) < 0.7, order=mask_order)
+    valid = np.isfinite(x) if mask is None else np.isfinite(x) & mask
+
+    w, filled, n_valid = fast.missing_prepare(x, mask)
+    assert n_valid == int(valid.sum())
+    assert np.array_equal(w, valid.astype(np.float32)) and np.array_equal(filled, np.where(valid, x, np.float32(0)))
+    assert w.flags.f_contiguous == filled.flags.f_contiguous == (order == "F")
+
+    count = rng.random(x.shape).astype(np.float32) * (rng.random(x.shape) < 0.5)
+    total = rng.normal(50, 10, x.shape).astype(np.float32)
+    grow = (w == 0) & (count > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expect_filled = np.where(grow, total / count, filled)
+    expect_w = np.where(grow, np.float32(1), w)
+    assert fast.fill_ring(filled, w, count, total) == int(grow.sum())
+    assert np.array_equal(filled, expect_filled) and np.array_equal(w, expect_w)
+
+    out = np.asarray(rng.normal(size=x.shape).astype(np.float32), order=order)
+    den = np.asarray(rng.random(x.shape).astype(np.float32), order=order)
+    expect = out / den
+    expect[~np.isfinite(x)] = np.nan
+    if mask is not None:
+        expect[~mask] = 0
+    fast.missing_finish(out, x, mask, den)
+    assert np.array_equal(out, expect, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "sobel", "sharpen", "unsharp"])
+def test_masked_result_keeps_the_input_order_whatever_the_mask_order(name, rng):
+    x = np.asfortranarray(rng.normal(100, 30, (40, 37, 29)).astype(np.float32))
+    x[rng.random(x.shape) < 0.05] = np.nan
+    mask = rng.random(x.shape) < 0.8
+    params = {"fwhm_mm": 4.0} if name in ("gaussian", "unsharp") else {}
+    a = apply_filter(x, VOX, name, mask=np.ascontiguousarray(mask), **params)
+    b = apply_filter(x, VOX, name, mask=np.asfortranarray(mask), **params)
+    assert a.flags.f_contiguous and b.flags.f_contiguous  # Fortran in, Fortran out: no transpose on save
+    assert np.array_equal(a, b, equal_nan=True)
