@@ -407,6 +407,7 @@ def filter_volume(x, voxel_mm, name, params, *, mode="reflect", mask=None):
         smoothing_fn = spec.func if spec.smoothing else gaussian
         smoothing_params = params if spec.smoothing else {"fwhm_mm": params["fwhm_mm"]}
         out = smoothing_fn(filled, voxel_mm, mode=mode, **smoothing_params)
+        filled = None  # freed before den is made: at most 3 volumes (w, out, den) besides the input
         den = smoothing_fn(w, voxel_mm, mode=mode, **smoothing_params)
         if name == "unsharp":
             with np.errstate(invalid="ignore", divide="ignore"):
