@@ -331,6 +331,7 @@ static int separable_ring(const float *x, float *out, int64_t nz, int64_t ny, in
  * through all planes is copied to a thread buffer (~1 MB) that serves all taps. */
 int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                  const float *wk, int64_t Tk, const float *wj, int64_t Tj, const float *wi, int64_t Ti, int mode) {
+    if (nz <= 0 || ny <= 0 || nx <= 0) return 0;  /* nothing to filter (map_index needs n >= 1) */
     int failed = 0, seen = 0;
     int64_t plane = ny * nx, ri = (Ti - 1) / 2, rj = (Tj - 1) / 2, rk = (Tk - 1) / 2;
     int sk = is_symmetric(wk, Tk), sj = is_symmetric(wj, Tj), si = is_symmetric(wi, Ti);
@@ -374,6 +375,7 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
  * passes are the separable filter's (pass_rows, pass_cols). */
 int vf_gradient(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                 const float *smooth, const float *scale, int which, int mode) {
+    if (nz <= 0 || ny <= 0 || nx <= 0) return 0;  /* nothing to filter (map_index needs n >= 1) */
     int failed = 0, seen = 0;
     int64_t plane = ny * nx;
     const float d[3] = {-1.0f, 0.0f, 1.0f};
@@ -429,6 +431,7 @@ int vf_gradient(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
 
 /* (1 + 6a) x - a (sum of the 6 face neighbours), one pass. */
 int vf_sharpen(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx, float amount, int mode) {
+    if (nz <= 0 || ny <= 0 || nx <= 0) return 0;  /* nothing to filter (map_index needs n >= 1) */
     int failed = 0, seen = 0;
     const float centre = 1.0f + 6.0f * amount, a = amount;
 #pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
@@ -461,6 +464,7 @@ int vf_sharpen(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx, f
 /* Direct 3-D correlation with an odd kernel w (kz, ky, kx), C order. */
 int vf_correlate(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                  const float *w, int64_t kz, int64_t ky, int64_t kx, int mode) {
+    if (nz <= 0 || ny <= 0 || nx <= 0) return 0;  /* nothing to filter (map_index needs n >= 1) */
     int failed = 0, seen = 0;
     int64_t rk = kz / 2, rj = ky / 2, ri = kx / 2;
 #pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)

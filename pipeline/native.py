@@ -287,7 +287,7 @@ def axpby(x, y, a, b):
 def _flat(a: np.ndarray, order: str) -> np.ndarray:
     """The voxels of ``a`` as one run in ``order`` (a view: the callers pass arrays laid out so)."""
     flat = a.ravel(order=order)
-    if not np.shares_memory(flat, a):
+    if a.size and not np.shares_memory(flat, a):
         raise ValueError("array is not contiguous in the expected order")
     return flat
 

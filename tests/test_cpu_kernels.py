@@ -376,3 +376,21 @@ def test_masked_result_keeps_the_input_order_whatever_the_mask_order(name, rng):
     b = apply_filter(x, VOX, name, mask=np.asfortranarray(mask), **params)
     assert a.flags.f_contiguous and b.flags.f_contiguous  # Fortran in, Fortran out: no transpose on save
     assert np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 5), (5, 0, 5), (5, 5, 0)])
+def test_empty_volume_gives_an_empty_result_like_the_scipy_path(shape, tmp_path, monkeypatch):
+    """A volume with no voxels: an empty float32 result for every filter (it used to stop the
+    process with SIGFPE in the kernels' border mapping), as scipy.ndimage's path gives."""
+    import pipeline.filters as filters
+
+    for name in FILTERS:
+        params = filter_params(name, tmp_path)
+        for x, mask in [
+            (np.zeros(shape, np.float32), None),
+            (np.full(shape, np.nan, np.float32), np.ones(shape, bool)),
+        ]:
+            out = apply_filter(x, VOX, name, mask=mask, **params)
+            assert out.shape == shape and out.dtype == np.float32
+    monkeypatch.setattr(filters, "fast_cpu", lambda a: None)
+    assert apply_filter(np.zeros(shape, np.float32), VOX, "sobel").shape == shape
