@@ -601,10 +601,46 @@ int vf_histogram(const float *x, int64_t n, const double *edges, int64_t nbins, 
  * brain-shaped mask took 163 ms (Gaussian) and 267 ms (sharpen) against 49 and 18 ms without.
  * Blocks of 64k voxels are handed out dynamically; every voxel is computed alone, so the results
  * are those of the NumPy forms, bit for bit. Arrays are flat runs of n voxels in one memory order. */
-static inline int finite_at(const float *x, int64_t i) {
+/* The per-block loops are written without branches and compiled assuming that floating-point
+ * operations do not trap (which changes no value, only what may happen to the exception flags), so
+ * that they vectorise: with branches a ring of the fill took 2.9 ns per voxel on a 64x64x40 EPI
+ * volume in cache. */
+#define NO_TRAP __attribute__((optimize("no-trapping-math")))
+static inline uint32_t finite_bit(const float *x, int64_t i) {
     uint32_t u;
     memcpy(&u, x + i, sizeof u);
     return (u & 0x7f800000u) != 0x7f800000u;
+}
+
+NO_TRAP CLONES static int64_t prepare_block(const float *x, const uint8_t *mask, float *w, float *filled, int64_t n) {
+    int32_t c = 0;  /* n <= 65536 */
+    for (int64_t i = 0; i < n; i++) {
+        int32_t v = finite_bit(x, i) & (mask == NULL || mask[i] != 0);
+        w[i] = v ? 1.0f : 0.0f;
+        filled[i] = v ? x[i] : 0.0f;
+        c += v;
+    }
+    return c;
+}
+
+NO_TRAP CLONES static int64_t fill_block(float *filled, float *w, const float *count, const float *total, int64_t n) {
+    int32_t c = 0;  /* n <= 65536 */
+    for (int64_t i = 0; i < n; i++) {
+        float q = total[i] / count[i];  /* also where unused: 0/0 is a quiet NaN, never kept */
+        int32_t g = (w[i] == 0.0f) & (count[i] > 0.0f);
+        filled[i] = g ? q : filled[i];
+        w[i] = g ? 1.0f : w[i];
+        c += g;
+    }
+    return c;
+}
+
+NO_TRAP CLONES static void finish_block(float *out, const float *den, const float *x, const uint8_t *mask, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = den ? out[i] / den[i] : out[i];
+        v = finite_bit(x, i) ? v : NAN;
+        out[i] = (mask == NULL || mask[i] != 0) ? v : 0.0f;
+    }
 }
 
 /* valid = x finite and (no mask, or mask != 0); w = valid ? 1 : 0; filled = valid ? x : 0.
@@ -613,14 +649,8 @@ int64_t vf_missing_prepare(const float *x, const uint8_t *mask, float *w, float 
     int64_t count = 0;
 #pragma omp parallel for schedule(dynamic, 16) reduction(+ : count) if (n >= PARALLEL_MIN)
     for (int64_t b = 0; b < n; b += 65536) {
-        int64_t e = b + 65536 < n ? b + 65536 : n, c = 0;
-        for (int64_t i = b; i < e; i++) {
-            int v = finite_at(x, i) && (mask == NULL || mask[i] != 0);
-            w[i] = v ? 1.0f : 0.0f;
-            filled[i] = v ? x[i] : 0.0f;
-            c += v;
-        }
-        count += c;
+        int64_t m = b + 65536 < n ? 65536 : n - b;
+        count += prepare_block(x + b, mask ? mask + b : NULL, w + b, filled + b, m);
     }
     return count;
 }
@@ -631,14 +661,8 @@ int64_t vf_fill_ring(float *filled, float *w, const float *count, const float *t
     int64_t grown = 0;
 #pragma omp parallel for schedule(dynamic, 16) reduction(+ : grown) if (n >= PARALLEL_MIN)
     for (int64_t b = 0; b < n; b += 65536) {
-        int64_t e = b + 65536 < n ? b + 65536 : n, c = 0;
-        for (int64_t i = b; i < e; i++)
-            if (w[i] == 0.0f && count[i] > 0.0f) {
-                filled[i] = total[i] / count[i];
-                w[i] = 1.0f;
-                c++;
-            }
-        grown += c;
+        int64_t m = b + 65536 < n ? 65536 : n - b;
+        grown += fill_block(filled + b, w + b, count + b, total + b, m);
     }
     return grown;
 }
@@ -648,13 +672,8 @@ int64_t vf_fill_ring(float *filled, float *w, const float *count, const float *t
 void vf_missing_finish(float *out, const float *den, const float *x, const uint8_t *mask, int64_t n) {
 #pragma omp parallel for schedule(dynamic, 16) if (n >= PARALLEL_MIN)
     for (int64_t b = 0; b < n; b += 65536) {
-        int64_t e = b + 65536 < n ? b + 65536 : n;
-        for (int64_t i = b; i < e; i++) {
-            float v = den ? out[i] / den[i] : out[i];
-            if (!finite_at(x, i)) v = NAN;
-            if (mask != NULL && mask[i] == 0) v = 0.0f;
-            out[i] = v;
-        }
+        int64_t m = b + 65536 < n ? 65536 : n - b;
+        finish_block(out + b, den ? den + b : NULL, x + b, mask ? mask + b : NULL, m);
     }
 }
 
