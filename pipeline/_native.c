@@ -619,7 +619,8 @@ static inline uint32_t finite_bit(const float *x, int64_t i) {
 NO_TRAP CLONES static int64_t prepare_block(const float *x, const uint8_t *mask, float *w, float *filled, int64_t n) {
     int32_t c = 0;  /* n <= 65536 */
     for (int64_t i = 0; i < n; i++) {
-        int32_t v = finite_bit(x, i) & (mask == NULL || mask[i] != 0);
+        int32_t m = mask ? (int32_t)mask[i] : 1;  /* this form vectorises with and without a mask */
+        int32_t v = finite_bit(x, i) & (m != 0);
         w[i] = v ? 1.0f : 0.0f;
         filled[i] = v ? x[i] : 0.0f;
         c += v;
@@ -643,7 +644,8 @@ NO_TRAP CLONES static void finish_block(float *out, const float *den, const floa
     for (int64_t i = 0; i < n; i++) {
         float v = den ? out[i] / den[i] : out[i];
         v = finite_bit(x, i) ? v : NAN;
-        out[i] = (mask == NULL || mask[i] != 0) ? v : 0.0f;
+        int32_t m = mask ? (int32_t)mask[i] : 1;
+        out[i] = m != 0 ? v : 0.0f;
     }
 }
 
