@@ -33,6 +33,9 @@
  * busy with gzip (ISA-L's writer threads run meanwhile) made a 200-volume series 1 s slower. */
 #define PARALLEL_MIN (1 << 20)
 
+/* Flat passes over a volume hand out blocks of this many voxels (dynamically, 16 at a time). */
+#define BLOCK 65536
+
 static inline int64_t map_index(int64_t idx, int64_t n, int mode) {
     if (idx >= 0 && idx < n) return idx;
     if (mode == 4) return -1;
@@ -75,10 +78,15 @@ static int all_allocated(int ok, int *failed) {
  * before (which cost 4-7 ms of a 256^3 Gaussian's ~45 ms on the 2-core VM): a NaN or an infinity
  * sets *seen, the planes not yet begun are skipped, and the kernel returns 1; the caller then takes
  * its missing-data path. Non-finite means exponent bits all ones; OR-ing integers vectorises. */
+static inline uint32_t finite_bit(const float *x, int64_t i) {
+    uint32_t u;
+    memcpy(&u, x + i, sizeof u);
+    return (u & 0x7f800000u) != 0x7f800000u;
+}
+
 CLONES static int any_nonfinite(const float *x, int64_t n) {
-    const uint32_t *u = (const uint32_t *)x;
     uint32_t any = 0;
-    for (int64_t i = 0; i < n; i++) any |= (uint32_t)((u[i] & 0x7f800000u) == 0x7f800000u);
+    for (int64_t i = 0; i < n; i++) any |= finite_bit(x, i) ^ 1u;
     return any != 0;
 }
 
@@ -259,10 +267,11 @@ static float *alloc64(int64_t n) { return aligned_alloc(64, (size_t)(n > 16 ? (n
  * once and the output written once. Worth it only while the ring stays in cache: on the 2-core
  * VM, 256^3, 2 threads, against the two sweeps of vf_separable: box of 3 32 -> 20 ms, Gaussian of
  * 7 taps 33 -> 24 ms, but 15 taps 38 -> 41 ms and 21 taps 45 -> 64 ms (rings of 4, 8, 16, 22
- * planes of 256 KB; the planes on 4 KB pages made the 21 taps slower still). Runs of RING_RUN planes, handed out dynamically, so that a busy core does not
- * hold the others up; the 2 rk planes of halo are smoothed by both neighbouring runs. A volume under
- * PARALLEL_MIN voxels stays in cache in two sweeps too, and there the halo's extra in-plane work
- * made it slower (64x64x40, Gaussian of 21 taps: 0.85 -> 1.44 ms), so it keeps the two sweeps. */
+ * planes of 256 KB; the planes on 4 KB pages made the 21 taps slower still). Runs of RING_RUN
+ * planes, handed out dynamically, so that a busy core does not hold the others up; the 2 rk
+ * planes of halo are smoothed by both neighbouring runs. A volume under PARALLEL_MIN voxels stays
+ * in cache in two sweeps too, and there the halo's extra in-plane work made it slower (64x64x40,
+ * Gaussian of 21 taps: 0.85 -> 1.44 ms), so it keeps the two sweeps. */
 #define RING_G 2
 #define RING_MAX_BYTES (2 << 20)
 #define RING_RUN 32
@@ -335,11 +344,12 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
     int failed = 0, seen = 0;
     int64_t plane = ny * nx, ri = (Ti - 1) / 2, rj = (Tj - 1) / 2, rk = (Tk - 1) / 2;
     int sk = is_symmetric(wk, Tk), sj = is_symmetric(wj, Tj), si = is_symmetric(wi, Ti);
-    if (sk && nz * plane >= PARALLEL_MIN && ring_fits(plane, rk)) return separable_ring(x, out, nz, ny, nx, wk, Tk, wj, Tj, wi, Ti, mode);
-    int64_t cw = (262144 / (nz > 0 ? nz : 1)) / 32 * 32;
+    if (sk && nz * plane >= PARALLEL_MIN && ring_fits(plane, rk))
+        return separable_ring(x, out, nz, ny, nx, wk, Tk, wj, Tj, wi, Ti, mode);
+    int64_t cw = (262144 / nz) / 32 * 32;
     if (cw < 32) cw = 32;
     if (cw > plane) cw = plane;
-    int64_t n_chunks = plane > 0 ? (plane + cw - 1) / cw : 0;
+    int64_t n_chunks = (plane + cw - 1) / cw;
     int64_t bs = buffer_stride(nx), cs = buffer_stride(cw), zlen = bs > cs ? bs : cs;
 #pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
     {
@@ -500,15 +510,9 @@ int vf_correlate(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
 
 /* 1 when no element of x is NaN or infinite (exponent bits all ones), without a mask array. */
 int vf_all_finite(const float *x, int64_t n) {
-    const uint32_t *u = (const uint32_t *)x;
     int64_t bad = 0;
 #pragma omp parallel for schedule(dynamic, 16) reduction(+ : bad) if (n >= 4 * PARALLEL_MIN)
-    for (int64_t b = 0; b < n; b += 65536) {
-        int64_t e = b + 65536 < n ? b + 65536 : n;
-        uint32_t any = 0;
-        for (int64_t i = b; i < e; i++) any |= (uint32_t)((u[i] & 0x7f800000u) == 0x7f800000u);
-        bad += any;
-    }
+    for (int64_t b = 0; b < n; b += BLOCK) bad += any_nonfinite(x + b, b + BLOCK < n ? BLOCK : n - b);
     return bad == 0;
 }
 
@@ -599,7 +603,7 @@ int vf_histogram(const float *x, int64_t n, const double *edges, int64_t nbins, 
 /* Missing data (pipeline/filters.py: filter_volume), each step one pass over memory, in place of
  * NumPy's several passes with a full-size temporary each: on the 2-core VM a 256^3 volume with a
  * brain-shaped mask took 163 ms (Gaussian) and 267 ms (sharpen) against 49 and 18 ms without.
- * Blocks of 64k voxels are handed out dynamically; every voxel is computed alone, so the results
+ * Blocks of BLOCK voxels are handed out dynamically; every voxel is computed alone, so the results
  * are those of the NumPy forms, bit for bit. Arrays are flat runs of n voxels in one memory order. */
 /* The per-block loops are written without branches and compiled assuming that floating-point
  * operations do not trap (which changes no value, only what may happen to the exception flags), so
@@ -610,14 +614,8 @@ int vf_histogram(const float *x, int64_t n, const double *edges, int64_t nbins, 
 #else
 #define NO_TRAP
 #endif
-static inline uint32_t finite_bit(const float *x, int64_t i) {
-    uint32_t u;
-    memcpy(&u, x + i, sizeof u);
-    return (u & 0x7f800000u) != 0x7f800000u;
-}
-
 NO_TRAP CLONES static int64_t prepare_block(const float *x, const uint8_t *mask, float *w, float *filled, int64_t n) {
-    int32_t c = 0;  /* n <= 65536 */
+    int32_t c = 0;  /* n <= BLOCK */
     for (int64_t i = 0; i < n; i++) {
         int32_t m = mask ? (int32_t)mask[i] : 1;  /* this form vectorises with and without a mask */
         int32_t v = finite_bit(x, i) & (m != 0);
@@ -629,7 +627,7 @@ NO_TRAP CLONES static int64_t prepare_block(const float *x, const uint8_t *mask,
 }
 
 NO_TRAP CLONES static int64_t fill_block(float *filled, float *w, const float *count, const float *total, int64_t n) {
-    int32_t c = 0;  /* n <= 65536 */
+    int32_t c = 0;  /* n <= BLOCK */
     for (int64_t i = 0; i < n; i++) {
         float q = total[i] / count[i];  /* also where unused: 0/0 is a quiet NaN, never kept */
         int32_t g = (w[i] == 0.0f) & (count[i] > 0.0f);
@@ -654,8 +652,8 @@ NO_TRAP CLONES static void finish_block(float *out, const float *den, const floa
 int64_t vf_missing_prepare(const float *x, const uint8_t *mask, float *w, float *filled, int64_t n) {
     int64_t count = 0;
 #pragma omp parallel for schedule(dynamic, 16) reduction(+ : count) if (n >= PARALLEL_MIN)
-    for (int64_t b = 0; b < n; b += 65536) {
-        int64_t m = b + 65536 < n ? 65536 : n - b;
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t m = b + BLOCK < n ? BLOCK : n - b;
         count += prepare_block(x + b, mask ? mask + b : NULL, w + b, filled + b, m);
     }
     return count;
@@ -666,8 +664,8 @@ int64_t vf_missing_prepare(const float *x, const uint8_t *mask, float *w, float 
 int64_t vf_fill_ring(float *filled, float *w, const float *count, const float *total, int64_t n) {
     int64_t grown = 0;
 #pragma omp parallel for schedule(dynamic, 16) reduction(+ : grown) if (n >= PARALLEL_MIN)
-    for (int64_t b = 0; b < n; b += 65536) {
-        int64_t m = b + 65536 < n ? 65536 : n - b;
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t m = b + BLOCK < n ? BLOCK : n - b;
         grown += fill_block(filled + b, w + b, count + b, total + b, m);
     }
     return grown;
@@ -677,8 +675,8 @@ int64_t vf_fill_ring(float *filled, float *w, const float *count, const float *t
  * outside the mask (when given). */
 void vf_missing_finish(float *out, const float *den, const float *x, const uint8_t *mask, int64_t n) {
 #pragma omp parallel for schedule(dynamic, 16) if (n >= PARALLEL_MIN)
-    for (int64_t b = 0; b < n; b += 65536) {
-        int64_t m = b + 65536 < n ? 65536 : n - b;
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t m = b + BLOCK < n ? BLOCK : n - b;
         finish_block(out + b, den ? den + b : NULL, x + b, mask ? mask + b : NULL, m);
     }
 }

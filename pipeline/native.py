@@ -284,6 +284,11 @@ def axpby(x, y, a, b):
 # Missing data (pipeline.filters.filter_volume): the NumPy steps as single passes in C, same results.
 
 
+def _order(a: np.ndarray) -> str:
+    """The memory order the flat passes walk ``a`` in: "F" for a Fortran-ordered array, else "C"."""
+    return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+
+
 def _flat(a: np.ndarray, order: str) -> np.ndarray:
     """The voxels of ``a`` as one run in ``order`` (a view: the callers pass arrays laid out so)."""
     flat = a.ravel(order=order)
@@ -293,31 +298,31 @@ def _flat(a: np.ndarray, order: str) -> np.ndarray:
 
 
 def _mask_flat(mask, shape, order):
+    """A pointer to ``mask``'s bytes in ``order`` (None without a mask); it keeps the array alive."""
     if mask is None:
-        return None, None
+        return None
     if mask.shape != shape:
         raise ValueError(f"mask shape {mask.shape} differs from the volume's {shape}")
     m = np.asarray(mask, dtype=bool, order=order)
-    return m, _flat(m.view(np.uint8), order).ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+    return _flat(m.view(np.uint8), order).ctypes.data_as(_U8)
 
 
 def missing_prepare(x, mask=None):
     """``(w, filled, n_valid)`` for a contiguous 3-D float32 ``x``: valid = finite and inside
     ``mask``; ``w`` = valid as 1.0/0.0, ``filled`` = x where valid else 0, both in x's memory order."""
-    order = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
+    order = _order(x)
     x = np.asarray(x, dtype=np.float32, order=order)
-    keep, m = _mask_flat(mask, x.shape, order)
     w = np.empty(x.shape, np.float32, order=order)
     filled = np.empty(x.shape, np.float32, order=order)
+    m = _mask_flat(mask, x.shape, order)
     n = _lib.vf_missing_prepare(_p(_flat(x, order)), m, _p(_flat(w, order)), _p(_flat(filled, order)), x.size)
-    del keep
     return w, filled, int(n)
 
 
 def fill_ring(filled, w, count, total) -> int:
     """In place: where ``w`` is 0 and ``count`` > 0, ``filled`` = total / count and ``w`` = 1
     (all four float32, same shape and memory order). Returns how many voxels were filled."""
-    order = "F" if filled.flags.f_contiguous and not filled.flags.c_contiguous else "C"
+    order = _order(filled)
     count = np.asarray(count, dtype=np.float32, order=order)
     total = np.asarray(total, dtype=np.float32, order=order)
     flats = [_flat(a, order) for a in (filled, w, count, total)]
@@ -327,9 +332,8 @@ def fill_ring(filled, w, count, total) -> int:
 def missing_finish(out, x, mask=None, den=None) -> None:
     """In place on ``out``: divide by ``den`` (when given), NaN where ``x`` is not finite, 0 outside
     ``mask`` (when given)."""
-    order = "F" if out.flags.f_contiguous and not out.flags.c_contiguous else "C"
+    order = _order(out)
     x = np.asarray(x, dtype=np.float32, order=order)
-    keep, m = _mask_flat(mask, out.shape, order)
+    m = _mask_flat(mask, out.shape, order)
     d = None if den is None else _p(_flat(np.asarray(den, dtype=np.float32, order=order), order))
     _lib.vf_missing_finish(_p(_flat(out, order)), d, _p(_flat(x, order)), m, out.size)
-    del keep
