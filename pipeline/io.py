@@ -27,14 +27,17 @@ float32 (2.0, 2.0, 3.0) float32 46.0
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gzip
 import io
 import os
 import struct
 import tempfile
+import threading
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -46,12 +49,12 @@ from .errors import GeometryWarning, VolfilterError
 
 try:  # optional: ISA-L gzip, measured several times faster than zlib (bench/)
     from isal import igzip as _gzip_impl
-    from isal import igzip_threaded as _gzip_threaded
+    from isal import isal_zlib as _deflate
 
     GZIP_BACKEND = "isal"
 except ImportError:  # pragma: no cover - exercised only without isal
     _gzip_impl = gzip
-    _gzip_threaded = None
+    _deflate = None
     GZIP_BACKEND = "zlib"
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
@@ -540,35 +543,126 @@ def _remove_stale_temporaries(folder: str, prefix: str) -> None:
                     os.unlink(os.path.join(folder, name))
 
 
-GZIP_THREADS = 0  # 0: one thread per CPU (ISA-L's threaded writer); the bytes do not depend on it
-GZIP_BLOCK = 1 << 20  # ISA-L's threaded writer deflates independent blocks of this size
+GZIP_THREADS = 0  # 0: one thread per CPU; the bytes do not depend on it
+GZIP_BLOCK = 1 << 20  # deflated independently (primed with the previous block's last 32 KiB)
+_WINDOW = 32768  # deflate's window: how far back a block may refer
+# magic, deflate, no flags (no name), no timestamp, XFL 0, OS 255 (unknown), in RFC 1952's order
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+
+
+def _private_compressor():
+    """isal's ``_ParallelCompress`` where it is there and behaves as this code expects, else None."""
+    try:
+        compressor = _deflate._ParallelCompress(buffersize=GZIP_BLOCK + GZIP_BLOCK // 10, level=GZIP_LEVEL)
+        deflated, crc = compressor.compress_and_crc(b"volfilter", b"")
+        if crc != _deflate.crc32(b"volfilter") or _deflate.decompressobj(-15).decompress(deflated) != b"volfilter":
+            return None
+        return compressor
+    except Exception:  # a future isal may change or drop its private class: the public calls remain
+        return None
+
+
+def _block_deflater():
+    """A function ``(data, window) -> (deflated, crc32, length)`` for one thread: ``data`` deflated
+    on its own, primed with ``window``, ending on a byte boundary (sync flush).
+
+    ISA-L's ``_ParallelCompress`` (what ``isal.igzip_threaded`` uses) does all of it in one call
+    without the GIL; the public ``compressobj`` takes four calls, each waiting for the GIL while the
+    calling thread runs nibabel's Python loop, and made the writer slower than ISA-L's own threaded
+    one (median 232 against 203 ms for 64 MB). It is private to isal, so the public calls stand in
+    where it is missing: valid gzip either way, the bytes deterministic for a given isal.
+    """
+    compressor = _private_compressor()
+    if compressor is not None:
+
+        def deflate(data, window):
+            return (*compressor.compress_and_crc(data, window), len(data))
+
+        return deflate
+
+    def deflate_public(data, window):
+        z = _deflate.compressobj(GZIP_LEVEL, _deflate.DEFLATED, -15, **({"zdict": window} if window else {}))
+        return z.compress(data) + z.flush(_deflate.Z_SYNC_FLUSH), _deflate.crc32(data), len(data)
+
+    return deflate_public
+
+
+class _ParallelGzip:
+    """One gzip member deflated in independent 1 MiB blocks on worker threads and written in order
+    by the calling thread (as pigz does), at most two blocks per worker in flight.
+
+    ISA-L's threaded writer (``isal.igzip_threaded``), used before, does the same with a writer
+    thread and a queue per worker. 64 MB of float32 (the bench volume), 2 threads, 2-core VM, 30
+    alternated pairs: :func:`save` 219.5 -> 199.7 ms (median; paired ratio 0.94), the volume-by-volume
+    writer 210.5 -> 193.7 ms (0.93). Its gzip header also had XFL and OS swapped.
+    """
+
+    def __init__(self, fh, threads: int):
+        self._fh = fh
+        self._pool = None
+        if threads > 1:
+            local = threading.local()
+
+            def deflate(data, window):  # one compressor per worker thread
+                if not hasattr(local, "deflate"):
+                    local.deflate = _block_deflater()
+                return local.deflate(data, window)
+
+            self._deflate = deflate
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="volfilter-gzip")
+        else:
+            self._deflate = _block_deflater()
+        self._pending = collections.deque()
+        self._limit = 2 * threads
+        self._previous = b""
+        self._crc = 0
+        self._size = 0
+        fh.write(_GZIP_HEADER)
+
+    def write(self, data) -> None:
+        """Deflate ``data``, a buffer that nobody changes any more (a worker reads it later)."""
+        window, self._previous = bytes(self._previous[-_WINDOW:]), data
+        if self._pool is None:
+            self._emit(self._deflate(data, window))
+            return
+        self._pending.append(self._pool.submit(self._deflate, data, window))
+        while len(self._pending) >= self._limit:
+            self._emit(self._pending.popleft().result())
+
+    def _emit(self, done) -> None:
+        deflated, crc, n = done
+        self._fh.write(deflated)
+        self._crc = _deflate.crc32_combine(self._crc, crc, n)
+        self._size += n
+
+    def close(self) -> None:
+        """Write the remaining blocks, the final empty block and the trailer; the workers end in any case."""
+        try:
+            while self._pending:
+                self._emit(self._pending.popleft().result())
+            self._fh.write(_deflate.compress(b"", wbits=-15))
+            self._fh.write(struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
+        finally:
+            self._pending.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _GzipStream(io.RawIOBase):
     """A deterministic gzip stream on ``fh``: no name, no timestamp, multithreaded with ISA-L.
 
-    ISA-L's threaded writer deflates each piece it is handed on its own (up to 1 MiB, primed with
-    the previous piece's last 32 KiB), so its bytes depend on where the writes were cut. This
-    stream hands it whole 1 MiB blocks only, counted from the start of the file: the gzip bytes
-    are a function of the NIfTI bytes alone, whatever the thread count, however the caller
-    (nibabel, or a volume-by-volume writer) slices its writes. It also knows its position
-    (nibabel asks ``tell()``; the threaded writer cannot).
+    Blocks are deflated independently (:class:`_ParallelGzip`), so the stream cuts the bytes it is
+    given into whole 1 MiB blocks counted from the start of the file: the gzip bytes are a function
+    of the NIfTI bytes alone, whatever the thread count, however the caller (nibabel, or a
+    volume-by-volume writer) slices its writes. It also knows its position (nibabel asks ``tell()``).
     """
 
     def __init__(self, fh):
         super().__init__()
         self._pos = 0
         self._tail = bytearray()
-        if _gzip_threaded is not None:
-            threads = GZIP_THREADS or os.cpu_count() or 1
-            try:
-                self._gz = _gzip_threaded.open(
-                    fh, "wb", compresslevel=GZIP_LEVEL, threads=threads, block_size=GZIP_BLOCK
-                )
-            except TypeError:  # an isal without block_size: its own block size, still fixed
-                self._gz = _gzip_threaded.open(fh, "wb", compresslevel=GZIP_LEVEL, threads=threads)
-            # Whole blocks go straight to the threaded writer under its 1 MiB buffer (one copy less).
-            self._sink = getattr(self._gz, "raw", self._gz)
+        if _deflate is not None:
+            self._gz = self._sink = _ParallelGzip(fh, GZIP_THREADS or os.cpu_count() or 1)
         else:  # one deflate stream: its bytes never depended on how the writes were cut
             self._gz = _gzip_impl.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=GZIP_LEVEL, mtime=0)
             self._sink = self._gz
@@ -589,8 +683,11 @@ class _GzipStream(io.RawIOBase):
             self._sink.write(self._tail)
             self._tail = bytearray()
         whole = len(view) - len(view) % GZIP_BLOCK
+        # The sink reads a block after write() returns: a block of bytes (immutable, what nibabel
+        # hands over) goes as it is, a block of anything else is copied first.
+        keep = memoryview if isinstance(b, bytes) else bytes
         for start in range(0, whole, GZIP_BLOCK):
-            self._sink.write(view[start : start + GZIP_BLOCK])
+            self._sink.write(keep(view[start : start + GZIP_BLOCK]))
         self._tail += view[whole:]
         return n
 
@@ -603,7 +700,7 @@ class _GzipStream(io.RawIOBase):
         raise OSError("stream cannot seek")
 
     def close(self):
-        """Write the last block and the gzip trailer; also on failure (the writer's threads must end)."""
+        """Write the last block and the gzip trailer; also on failure (the worker threads must end)."""
         if self.closed:
             return
         try:
@@ -646,7 +743,7 @@ class NiftiStreamWriter:
 
     def _close_gzip(self):
         if getattr(self, "_gz", None) is not None:
-            self._gz.close()  # also on failure: the threaded writer's thread must not outlive us
+            self._gz.close()  # also on failure: the gzip worker threads must not outlive us
             self._gz = None
 
     def __enter__(self):
@@ -672,7 +769,7 @@ def save(img, path) -> None:
             try:
                 img.to_file_map({"header": FileHolder(fileobj=gz), "image": FileHolder(fileobj=gz)})
             finally:
-                gz.close()  # also on failure: the threaded writer's thread must not outlive us
+                gz.close()  # also on failure: the gzip worker threads must not outlive us
         else:
             img.to_file_map({"header": FileHolder(fileobj=fh), "image": FileHolder(fileobj=fh)})
 

@@ -195,6 +195,52 @@ def test_gzip_bytes_do_not_depend_on_how_the_writes_are_cut(tmp_path, rng):
     assert files[0] == files[1] == files[2]
 
 
+def test_gzip_header_follows_rfc1952(nib_data, tmp_path):
+    vol = vio.load(nib_data("anatomical.nii"))
+    vio.save(vio.derived_image(vol.data, vol), tmp_path / "a.nii.gz")
+    head = (tmp_path / "a.nii.gz").read_bytes()[:10]
+    assert head[:4] == b"\x1f\x8b\x08\x00"  # gzip, deflate, no flags (no name, no comment)
+    assert head[8] == 0 and head[9] == 255  # XFL, then OS "unknown" (ISA-L's writer swaps the two)
+
+
+def test_gzip_without_isal_private_compressor_gives_same_data(nib_data, tmp_path, monkeypatch):
+    """The public compressobj path stands in where isal lacks _ParallelCompress: same NIfTI bytes."""
+    vol = vio.load(nib_data("example4d.nii.gz"))  # 2.4 MB as float32: three gzip blocks
+    img = vio.derived_image(vol.data, vol)
+    vio.save(img, tmp_path / "private.nii.gz")
+    monkeypatch.delattr(vio._deflate, "_ParallelCompress")
+    for n in (1, 3):
+        monkeypatch.setattr(vio, "GZIP_THREADS", n)
+        vio.save(img, tmp_path / f"public{n}.nii.gz")
+    public = [(tmp_path / f"public{n}.nii.gz").read_bytes() for n in (1, 3)]
+    assert public[0] == public[1]
+    assert gzip.decompress(public[0]) == gzip.decompress((tmp_path / "private.nii.gz").read_bytes())
+
+
+def test_gzip_worker_failure_propagates_and_ends_the_workers(nib_data, tmp_path, monkeypatch):
+    import threading
+
+    vol = vio.load(nib_data("example4d.nii.gz"))
+    img = vio.derived_image(vol.data, vol)
+    calls = []
+
+    def failing_deflater():
+        def deflate(data, window):
+            calls.append(len(data))
+            if len(calls) == 2:
+                raise RuntimeError("deflate failed")
+            return b"", 0, len(data)
+
+        return deflate
+
+    monkeypatch.setattr(vio, "GZIP_THREADS", 2)
+    monkeypatch.setattr(vio, "_block_deflater", failing_deflater)
+    with pytest.raises(RuntimeError, match="deflate failed"):
+        vio.save(img, tmp_path / "out.nii.gz")
+    assert os.listdir(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("volfilter-gzip")]
+
+
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch, nib_data):
     vol = vio.load(nib_data("anatomical.nii"))
     img = vio.derived_image(vol.data, vol)
