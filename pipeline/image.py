@@ -157,7 +157,7 @@ def _read_ahead() -> bool:
     4.4-5.0 s in turn, 4.8-5.4 s ahead), so it needs more cores than that."""
     if READ_AHEAD is not None:
         return READ_AHEAD
-    return (io.GZIP_THREADS or os.cpu_count() or 1) >= 4
+    return (io.GZIP_THREADS or io.usable_cpus()) >= 4
 
 
 class _Volumes:

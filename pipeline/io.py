@@ -543,7 +543,16 @@ def _remove_stale_temporaries(folder: str, prefix: str) -> None:
                     os.unlink(os.path.join(folder, name))
 
 
-GZIP_THREADS = 0  # 0: one thread per CPU; the bytes do not depend on it
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, which a SLURM job or ``taskset`` limits
+    (``os.cpu_count()`` counts the whole node), else every CPU."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on this platform (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+GZIP_THREADS = 0  # 0: one thread per usable CPU (usable_cpus); the bytes do not depend on it
 GZIP_BLOCK = 1 << 20  # deflated independently (primed with the previous block's last 32 KiB)
 _WINDOW = 32768  # deflate's window: how far back a block may refer
 # magic, deflate, no flags (no name), no timestamp, XFL 0, OS 255 (unknown), in RFC 1952's order
@@ -662,7 +671,7 @@ class _GzipStream(io.RawIOBase):
         self._pos = 0
         self._tail = bytearray()
         if _deflate is not None:
-            self._gz = self._sink = _ParallelGzip(fh, GZIP_THREADS or os.cpu_count() or 1)
+            self._gz = self._sink = _ParallelGzip(fh, GZIP_THREADS or usable_cpus())
         else:  # one deflate stream: its bytes never depended on how the writes were cut
             self._gz = _gzip_impl.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=GZIP_LEVEL, mtime=0)
             self._sink = self._gz

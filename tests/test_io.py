@@ -195,6 +195,21 @@ def test_gzip_bytes_do_not_depend_on_how_the_writes_are_cut(tmp_path, rng):
     assert files[0] == files[1] == files[2]
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_gzip_threads_follow_the_cpus_the_process_may_use(tmp_path, monkeypatch):
+    """A SLURM job or taskset limits the affinity mask; os.cpu_count() would count the whole node."""
+    monkeypatch.setattr(vio, "GZIP_THREADS", 0)
+    for cpus, workers in (({3}, None), ({0, 2, 5}, 3)):
+        monkeypatch.setattr(vio.os, "sched_getaffinity", lambda pid, cpus=cpus: cpus)
+        assert vio.usable_cpus() == len(cpus)
+        with open(tmp_path / "x.gz", "wb") as fh:
+            stream = vio._GzipStream(fh)
+            pool = stream._gz._pool
+            assert (pool and pool._max_workers) == workers
+            stream.close()
+        assert gzip.decompress((tmp_path / "x.gz").read_bytes()) == b""
+
+
 def test_gzip_header_follows_rfc1952(nib_data, tmp_path):
     vol = vio.load(nib_data("anatomical.nii"))
     vio.save(vio.derived_image(vol.data, vol), tmp_path / "a.nii.gz")
