@@ -210,6 +210,24 @@ def test_gzip_threads_follow_the_cpus_the_process_may_use(tmp_path, monkeypatch)
         assert gzip.decompress((tmp_path / "x.gz").read_bytes()) == b""
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stream_writer_owns_what_it_was_handed(tmp_path, rng, monkeypatch, threads):
+    """The GPU path reuses one download buffer for every result: blocks deflated after write()
+    returns must be the bytes handed over, not what the caller put in its buffer since."""
+    monkeypatch.setattr(vio, "GZIP_THREADS", threads)
+    ref = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    buffer = np.asfortranarray(rng.normal(size=(128, 128, 80)).astype(np.float32))  # 5 MiB: 5 blocks
+    volumes = [buffer.copy(order="F")]
+    path = tmp_path / "series.nii.gz"
+    with vio.NiftiStreamWriter(path, ref, (*buffer.shape, 2), "test") as writer:
+        writer.write(buffer)
+        buffer[...] = 7.0  # the next result lands in the same buffer before the blocks are deflated
+        volumes.append(buffer.copy(order="F"))
+        writer.write(buffer)
+        buffer[...] = np.nan
+    assert_array_equal(np.asarray(nib.load(path).dataobj), np.stack(volumes, axis=-1))
+
+
 def test_gzip_header_follows_rfc1952(nib_data, tmp_path):
     vol = vio.load(nib_data("anatomical.nii"))
     vio.save(vio.derived_image(vol.data, vol), tmp_path / "a.nii.gz")
