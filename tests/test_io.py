@@ -176,7 +176,7 @@ def test_gzip_bytes_do_not_depend_on_thread_count(nib_data, tmp_path, monkeypatc
 
 
 def test_gzip_bytes_do_not_depend_on_how_the_writes_are_cut(tmp_path, rng):
-    """ISA-L's threaded writer deflates each piece it is handed on its own: the stream must cut."""
+    """Blocks are deflated on their own, counted from the file start: the stream must cut them there."""
     payload = np.round(rng.normal(100, 10, 3_500_000)).astype(np.float32).tobytes()  # 14 MB, 14 blocks
     files = []
     for name, cuts in [("one", [len(payload)]), ("small", [348, 4, 100_000]), ("odd", [1, 3 << 20, 777_777])]:
