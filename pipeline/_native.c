@@ -700,6 +700,9 @@ void vf_set_threads(int n) {
 #endif
 }
 
+/* Volumes under this many voxels run on the calling thread (see PARALLEL_MIN). */
+int64_t vf_parallel_min(void) { return PARALLEL_MIN; }
+
 int vf_max_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();

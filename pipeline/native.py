@@ -128,7 +128,16 @@ _lib.vf_missing_finish.argtypes = [_F, _F, _F, _U8, _I]
 _lib.vf_missing_finish.restype = None
 _lib.vf_set_threads.argtypes = [ctypes.c_int]
 _lib.vf_max_threads.restype = ctypes.c_int
+_lib.vf_parallel_min.restype = ctypes.c_int64
 _ALL_THREADS = _lib.vf_max_threads()
+# A volume under this many voxels is filtered on the calling thread (splitting it costs more than
+# it saves); a series of such volumes is split over threads by volume instead (filters.apply_filter).
+PARALLEL_MIN = int(_lib.vf_parallel_min())
+
+
+def threads() -> int:
+    """The thread count in force (:func:`set_threads`)."""
+    return _lib.vf_max_threads()
 
 
 def set_threads(n: int | None) -> int:

@@ -46,6 +46,34 @@ def test_results_identical_whatever_the_thread_count(name, rng):
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
 
+@pytest.mark.parametrize("name", ["gaussian", "sobel", "sharpen", "unsharp"])
+def test_series_of_small_volumes_split_over_threads_by_volume(name, rng, monkeypatch):
+    """An fMRI-sized series: the volumes go to the kernels' threads one each, with the bits of one
+    thread, including volumes with NaN and a mask (the missing-data path)."""
+    import pipeline.filters as filters
+
+    x = np.asfortranarray(rng.normal(100, 20, (20, 18, 12, 7)).astype(np.float32))
+    x[3:6, 4:8, 2:5, 2] = np.nan
+    x[..., 4] = np.nan  # a volume without a finite voxel
+    mask = np.ones(x.shape[:3], bool)
+    mask[:, :, 10:] = False
+    params = {"fwhm_mm": 5.0} if name in ("gaussian", "unsharp") else {}
+    calls = []
+    real = filters._volume_threads
+    monkeypatch.setattr(filters, "_volume_threads", lambda d: calls.append(real(d)) or calls[-1])
+    for m in (None, mask):
+        outs = []
+        for n in (1, 2, 3):
+            fast.set_threads(n)
+            outs.append(apply_filter(x, VOX, name, mask=m, **params))
+        fast.set_threads(None)
+        alone = np.stack([apply_filter(x[..., t], VOX, name, mask=m, **params) for t in range(x.shape[3])], -1)
+        assert all(np.array_equal(o, alone, equal_nan=True) for o in outs)
+    assert calls == [1, 2, 3, 1, 2, 3]
+    big = np.zeros((128, 128, 64, 2), np.float32)  # 2**20 voxels a volume: the kernels split each one
+    assert real(big) == 1 and real(x[..., :1]) == 1
+
+
 def test_qc_smoothness_sums_identical_whatever_the_thread_count(rng):
     x = np.asfortranarray(rng.normal(size=(72, 128, 120)).astype(np.float32))
     x[5:9, 10:20, 30:40] = np.nan
