@@ -93,16 +93,22 @@ def baseline_sobel_mag(x):
     return np.sqrt(sum(ndi.sobel(x, axis=a) ** 2 for a in range(3)))
 
 
-def cpu_kernels(x):
-    header(f"CPU kernels, {x.shape} float32, 1 mm voxels (baseline: scipy.ndimage, 1 thread)")
-    vox = (1.0, 1.0, 1.0)
-    sharp_k = np.zeros((3, 3, 3), np.float32)
-    sharp_k[1, 1, 1] = 7
+def sharpen_kernel():
+    """The 3x3x3 stencil of volfilter's sharpen (amount 1), written out as a user would for scipy."""
+    k = np.zeros((3, 3, 3), np.float32)
+    k[1, 1, 1] = 7
     for a in range(3):
         for s in (0, 2):
             i = [1, 1, 1]
             i[a] = s
-            sharp_k[tuple(i)] = -1
+            k[tuple(i)] = -1
+    return k
+
+
+def cpu_kernels(x):
+    header(f"CPU kernels, {x.shape} float32, 1 mm voxels (baseline: scipy.ndimage, 1 thread)")
+    vox = (1.0, 1.0, 1.0)
+    sharp_k = sharpen_kernel()
     cases = [
         (
             "gaussian FWHM 6 mm",
@@ -163,13 +169,7 @@ def real_kernels():
     vox = vol.voxel_mm
     header(f"CPU kernels on real MRI: example4d's first volume, {x.shape}, voxels {tuple(round(h, 2) for h in vox)} mm")
     sigma = [SIGMA6 / h for h in vox]
-    sharp_k = np.zeros((3, 3, 3), np.float32)
-    sharp_k[1, 1, 1] = 7
-    for a in range(3):
-        for s in (0, 2):
-            i = [1, 1, 1]
-            i[a] = s
-            sharp_k[tuple(i)] = -1
+    sharp_k = sharpen_kernel()
 
     def base_sobel():
         return np.sqrt(sum((ndi.sobel(x, axis=a) / np.float32(SOBEL_RAMP_GAIN * vox[a])) ** 2 for a in range(3)))
