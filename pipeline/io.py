@@ -671,10 +671,9 @@ class _GzipStream(io.RawIOBase):
         self._pos = 0
         self._tail = bytearray()
         if _deflate is not None:
-            self._gz = self._sink = _ParallelGzip(fh, GZIP_THREADS or usable_cpus())
+            self._gz = _ParallelGzip(fh, GZIP_THREADS or usable_cpus())
         else:  # one deflate stream: its bytes never depended on how the writes were cut
             self._gz = _gzip_impl.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=GZIP_LEVEL, mtime=0)
-            self._sink = self._gz
 
     def writable(self):
         return True
@@ -689,14 +688,14 @@ class _GzipStream(io.RawIOBase):
             view = view[take:]
             if len(self._tail) < GZIP_BLOCK:
                 return n
-            self._sink.write(self._tail)
+            self._gz.write(self._tail)
             self._tail = bytearray()
         whole = len(view) - len(view) % GZIP_BLOCK
-        # The sink reads a block after write() returns: a block of bytes (immutable, what nibabel
+        # The writer reads a block after write() returns: a block of bytes (immutable, what nibabel
         # hands over) goes as it is, a block of anything else is copied first.
         keep = memoryview if isinstance(b, bytes) else bytes
         for start in range(0, whole, GZIP_BLOCK):
-            self._sink.write(keep(view[start : start + GZIP_BLOCK]))
+            self._gz.write(keep(view[start : start + GZIP_BLOCK]))
         self._tail += view[whole:]
         return n
 
@@ -714,7 +713,7 @@ class _GzipStream(io.RawIOBase):
             return
         try:
             if self._tail:
-                self._sink.write(self._tail)
+                self._gz.write(self._tail)
                 self._tail = bytearray()
         finally:
             try:

@@ -143,7 +143,7 @@ def threads() -> int:
 def set_threads(n: int | None) -> int:
     """Use ``n`` threads (None: all cores); returns the count in force."""
     _lib.vf_set_threads(_ALL_THREADS if n is None else max(1, int(n)))
-    return _lib.vf_max_threads()
+    return threads()
 
 
 def _p(a: np.ndarray):

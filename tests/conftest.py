@@ -1,10 +1,17 @@
+import hashlib
 import os
+import pathlib
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from pipeline.example import nibabel_data_file
+
+
+def digest(path):
+    """SHA-256 of a file's bytes (hashlib, independent of pipeline.provenance)."""
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture

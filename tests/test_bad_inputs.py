@@ -2,7 +2,6 @@
 and leaves the input bytes unchanged (CLI); the workflow isolates a bad subject."""
 
 import gzip
-import hashlib
 import os
 import pathlib
 import time
@@ -10,12 +9,13 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import digest
 
 from pipeline.cli import main
 
 
 def sha(path):
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() if os.path.isfile(path) else None
+    return digest(path) if os.path.isfile(path) else None
 
 
 def header_only(path, shape, zooms=None):

@@ -1,6 +1,5 @@
 """The volfilter CLI: outputs, sidecars, and one-line errors that write nothing."""
 
-import hashlib
 import json
 import os
 import pathlib
@@ -10,14 +9,11 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import digest
 from numpy.testing import assert_allclose
 
 from pipeline import filter_image
 from pipeline.cli import main
-
-
-def digest(path):
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def run_cli(capsys, *args):

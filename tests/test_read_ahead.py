@@ -1,12 +1,11 @@
 """Reading the next volume while the current one is filtered and written (pipeline.image.READ_AHEAD)."""
 
-import hashlib
-import pathlib
 import threading
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import digest
 
 from pipeline import image
 from pipeline.errors import VolfilterError
@@ -14,10 +13,6 @@ from pipeline.image import FilterJob, filter_files
 from pipeline.io import TMP_SUFFIX
 
 JOBS = (("gaussian", {"fwhm_mm": 3}), ("sobel", {}))
-
-
-def digest(path):
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture

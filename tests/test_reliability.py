@@ -1,8 +1,6 @@
 """Interruptions, determinism and bad subjects in a workflow run."""
 
-import hashlib
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -12,14 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from conftest import digest
 from test_workflow import REPO, snakemake
 
 from pipeline.cli import main
 from pipeline.io import TMP_SUFFIX
-
-
-def digest(path):
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 Skipped, with the reason printed, when SLURM cannot be started here (not installed, not root).
 """
 
-import hashlib
 import re
 import subprocess
 import sys
@@ -12,16 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from conftest import digest
 from slurm_cluster import local_cluster, unavailable_reason
 from test_workflow import REPO, snakemake
 
 pytestmark = pytest.mark.slurm
 
 FILTERS = {"s": {"kind": "gaussian", "fwhm_mm": 4}, "e": {"kind": "sobel"}}
-
-
-def digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
