@@ -93,6 +93,12 @@ def baseline_sobel_mag(x):
     return np.sqrt(sum(ndi.sobel(x, axis=a) ** 2 for a in range(3)))
 
 
+def epi_series(rng):
+    """A synthetic fMRI run: 200 volumes of 64x64x40, a smooth image plus noise, float32."""
+    series = ndi.gaussian_filter(rng.normal(size=(64, 64, 40)).astype(np.float32), 2)[..., None] * 300 + 1000
+    return series + rng.normal(scale=10, size=(64, 64, 40, 200)).astype(np.float32)
+
+
 def sharpen_kernel():
     """The 3x3x3 stencil of volfilter's sharpen (amount 1), written out as a user would for scipy."""
     k = np.zeros((3, 3, 3), np.float32)
@@ -143,9 +149,7 @@ def cpu_kernels(x):
     note = f"max rel. difference {diff:.1e}" + ("" if np.array_equal(a[~mask], b[~mask]) else "; outside differs")
     row("gaussian FWHM 6 mm within a mask", *paired_ms(base_masked, ours_masked, 5), peak_mb(ours_masked), note)
     # An fMRI run in process: 200 small volumes, which the kernels split over threads by volume.
-    rng = np.random.default_rng(1)
-    series = ndi.gaussian_filter(rng.normal(size=(64, 64, 40)).astype(np.float32), 2)[..., None] * 300 + 1000
-    series = np.asfortranarray(series + rng.normal(scale=10, size=(64, 64, 40, 200)).astype(np.float32))
+    series = np.asfortranarray(epi_series(np.random.default_rng(1)))
     epi = (3.0, 3.0, 3.5)
     sigma = [SIGMA6 / h for h in epi]
 
@@ -444,9 +448,7 @@ def main():
 
             real = str(nibabel_data_file("example4d.nii.gz"))
             bold = os.path.join(tmp, "bold64x64x40x200.nii.gz")  # an fMRI run: int16, 3 mm, 200 volumes
-            series = ndi.gaussian_filter(rng.normal(size=(64, 64, 40)).astype(np.float32), 2)[..., None] * 300 + 1000
-            series = series + rng.normal(scale=10, size=(64, 64, 40, 200)).astype(np.float32)
-            nib.save(nib.Nifti1Image(series.astype(np.int16), np.diag([3, 3, 3.5, 1])), bold)
+            nib.save(nib.Nifti1Image(epi_series(rng).astype(np.int16), np.diag([3, 3, 3.5, 1])), bold)
             label = f"synthetic {n}^3, a synthetic 200-volume EPI series and nibabel's example4d"
             end_to_end([synth, bold, real], tmp, label, n_batch=args.batch)
     finally:
