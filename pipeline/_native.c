@@ -194,7 +194,11 @@ static void tap_table(const float **rows, const float *base, int64_t stride, int
  * step d loads two new rows (j-d, j+1+d) and reuses two from the step before: two loads, two
  * additions, two multiplications and two accumulations per 16 outputs and tap pair. Going down all
  * rows of one 16-column block keeps the 2r+2 rows it needs in L1. The arithmetic per element is
- * wsum's (w[r] x0, then + w[r+d] (x-d + x+d) for d = 1..r), so leftovers go through wsum. */
+ * wsum's (w[r] x0, then + w[r+d] (x-d + x+d) for d = 1..r), so leftovers go through wsum. The two
+ * rows a step first needs are asked for AHEAD rows early: the rows are a few KB apart, which the
+ * hardware prefetchers do not follow (2-core VM, 256^3: Gaussian of 21 taps 9% faster with one
+ * thread, 5% with two; 41 taps 12%; 3 and 9 taps unchanged; 8, 16 or 32 rows ahead alike). */
+#define AHEAD 16
 CLONES static void sym_cols(float *out, int64_t ostride, const float *const *rows, int64_t n, int64_t width,
                             const float *w, int64_t r) {
     const float wr = w[r];
@@ -203,6 +207,7 @@ CLONES static void sym_cols(float *out, int64_t ostride, const float *const *row
         int64_t j = 0;
         for (; j + 2 <= n; j += 2) {
             const float *const *R = rows + j + r;
+            if (j + AHEAD + 2 <= n) { __builtin_prefetch(R[r + AHEAD] + e); __builtin_prefetch(R[r + 1 + AHEAD] + e); }
             v8 la = ld8(R[0] + e), lb = ld8(R[0] + e + 8), ra = ld8(R[1] + e), rb = ld8(R[1] + e + 8);
             v8 s0a = wr * la, s0b = wr * lb, s1a = wr * ra, s1b = wr * rb;
             for (int64_t d = 1; d <= r; d++) {  /* here la/lb = row j+1-d, ra/rb = row j+d */
