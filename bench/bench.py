@@ -411,6 +411,9 @@ def gpu_cases(x, tmp, n_batch=2):
     row("fresh process, 3 GPU filters: cold vs warm kernel cache", cold, warm, note="(CuPy's on-disk cache)")
 
 
+CPU_SECTIONS = ("cpu_kernels", "real_kernels", "gzip_io", "qc_cases", "end_to_end")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256)
@@ -418,7 +421,12 @@ def main():
     ap.add_argument("--gpu-only", action="store_true", help="the GPU sections alone, for a short device session")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--batch", type=int, default=8, help="volumes in the batch case")
+    ap.add_argument("--only", default=",".join(CPU_SECTIONS),
+                    help=f"comma-separated CPU sections to run (default all: {','.join(CPU_SECTIONS)})")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if only - set(CPU_SECTIONS):
+        ap.error(f"--only: unknown section(s) {', '.join(sorted(only - set(CPU_SECTIONS)))}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"numpy {np.__version__}, scipy {__import__('scipy').__version__}, nibabel {nib.__version__}, gzip {vio.GZIP_BACKEND}")  # fmt: skip
     rng = np.random.default_rng(0)
@@ -439,11 +447,11 @@ def main():
                 end_to_end([synth], tmp, "GPU backend", backend="gpu", n_batch=args.batch)
         if args.gpu_only:
             return
-        cpu_kernels(x)
-        real_kernels()
-        gzip_io(x, tmp)
-        qc_cases(x)
-        if not args.skip_e2e:
+        for name, section in (("cpu_kernels", lambda: cpu_kernels(x)), ("real_kernels", real_kernels),
+                              ("gzip_io", lambda: gzip_io(x, tmp)), ("qc_cases", lambda: qc_cases(x))):
+            if name in only:
+                section()
+        if not args.skip_e2e and "end_to_end" in only:
             from pipeline.example import nibabel_data_file
 
             real = str(nibabel_data_file("example4d.nii.gz"))
