@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from functools import partial
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -348,6 +349,18 @@ def end_to_end(inputs, tmp, label, backend="cpu", n_batch=8):
     shutil.rmtree(os.path.join(tmp, "e2e"), ignore_errors=True)
 
 
+def uncompressed_batch(x, tmp, jobs, n_batch, backend):
+    """Best of 2 for ``filter_files`` on ``n_batch`` copies of ``x`` as ``.nii``, outputs ``.nii``."""
+    from pipeline.image import FilterJob, filter_files
+
+    src = os.path.join(tmp, "vol.nii")
+    if not os.path.exists(src):
+        vio.save(vio.derived_image(x, nib.Nifti1Image(x, np.eye(4))), src)
+    many = [(src, [FilterJob(j.kind, j.params, j.output.replace(".nii.gz", f"-raw{i}.nii")) for j in jobs], None)
+            for i in range(n_batch)]  # fmt: skip
+    return best_ms(lambda: filter_files(many, backend=backend, sidecars=False), 2)
+
+
 def gpu_cases(x, tmp, n_batch=2):
     import cupy
     import cupyx.scipy.ndimage as cndi
@@ -364,21 +377,13 @@ def gpu_cases(x, tmp, n_batch=2):
 
         return run
 
-    cases = [
-        (
-            "gaussian FWHM 6 mm",
-            lambda: cndi.gaussian_filter(g, SIGMA6),
-            lambda: apply_filter(g, vox, "gaussian", fwhm_mm=6),
-        ),
-        (
-            "sobel magnitude",
-            lambda: cupy.sqrt(sum(cndi.sobel(g, axis=a) ** 2 for a in range(3))),
-            lambda: apply_filter(g, vox, "sobel"),
-        ),
-        ("sharpen", lambda: g - cndi.laplace(g), lambda: apply_filter(g, vox, "sharpen")),
+    cases = [  # (row, cupyx.scipy.ndimage called directly, our filter and its parameters)
+        ("gaussian FWHM 6 mm", lambda: cndi.gaussian_filter(g, SIGMA6), ("gaussian", {"fwhm_mm": 6})),
+        ("sobel magnitude", lambda: cupy.sqrt(sum(cndi.sobel(g, axis=a) ** 2 for a in range(3))), ("sobel", {})),
+        ("sharpen", lambda: g - cndi.laplace(g), ("sharpen", {})),
     ]
-    for name, base, ours in cases:
-        row(name, best_ms(sync(base), 5), best_ms(sync(ours), 5))
+    for name, base, (kind, params) in cases:
+        row(name, best_ms(sync(base), 5), best_ms(sync(partial(apply_filter, g, vox, kind, **params)), 5))
     up = best_ms(sync(lambda: cupy.asarray(x)), 5)
     down = best_ms(lambda: cupy.asnumpy(g), 5)
     row("host->device upload vs device->host download", up, down, note="(not a ratio: two transfers)")
@@ -399,6 +404,17 @@ def gpu_cases(x, tmp, n_batch=2):
     cpu = best_ms(lambda: filter_files(many, backend="cpu", sidecars=False), 2)
     gpu = best_ms(lambda: filter_files(many, backend="gpu", sidecars=False), 2)
     row(f"{n_batch} volumes in one call, CPU path vs GPU path", cpu, gpu, note="(the GPU batch target: >= 5x)")
+    # The two restatements of that target the README proposes: the same batch without gzip, and
+    # the kernels alone (a host array through the CPU path, a device array through the GPU path).
+    cpu, gpu = (uncompressed_batch(x, tmp, jobs, n_batch, be) for be in ("cpu", "gpu"))
+    row(f"{n_batch} volumes, one call, .nii in/out, CPU vs GPU", cpu, gpu, note="(no gzip)")
+    for name, _, (kind, params) in cases:
+        cpu_ms = best_ms(partial(apply_filter, x, vox, kind, **params), 5)
+        row(
+            f"{name}, in memory: CPU vs GPU",
+            cpu_ms,
+            best_ms(sync(partial(apply_filter, g, vox, kind, **params)), 5),
+        )
     first = ("import numpy as np; from pipeline import apply_filter; from pipeline.backend import resolve; "
              "import cupy; be = resolve('gpu'); x = cupy.asarray(np.ones((64, 64, 64), np.float32)); "
              "apply_filter(x, (1, 1, 1), 'gaussian', fwhm_mm=6); apply_filter(x, (1, 1, 1), 'sobel'); "
@@ -421,8 +437,11 @@ def main():
     ap.add_argument("--gpu-only", action="store_true", help="the GPU sections alone, for a short device session")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--batch", type=int, default=8, help="volumes in the batch case")
-    ap.add_argument("--only", default=",".join(CPU_SECTIONS),
-                    help=f"comma-separated CPU sections to run (default all: {','.join(CPU_SECTIONS)})")
+    ap.add_argument(
+        "--only",
+        default=",".join(CPU_SECTIONS),
+        help=f"comma-separated CPU sections to run (default all: {','.join(CPU_SECTIONS)})",
+    )
     args = ap.parse_args()
     only = set(args.only.split(","))
     if only - set(CPU_SECTIONS):
@@ -447,8 +466,12 @@ def main():
                 end_to_end([synth], tmp, "GPU backend", backend="gpu", n_batch=args.batch)
         if args.gpu_only:
             return
-        for name, section in (("cpu_kernels", lambda: cpu_kernels(x)), ("real_kernels", real_kernels),
-                              ("gzip_io", lambda: gzip_io(x, tmp)), ("qc_cases", lambda: qc_cases(x))):
+        for name, section in (
+            ("cpu_kernels", lambda: cpu_kernels(x)),
+            ("real_kernels", real_kernels),
+            ("gzip_io", lambda: gzip_io(x, tmp)),
+            ("qc_cases", lambda: qc_cases(x)),
+        ):
             if name in only:
                 section()
         if not args.skip_e2e and "end_to_end" in only:
