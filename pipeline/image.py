@@ -237,8 +237,8 @@ def _filter_stream(volumes, input_path, checked, be, mode, mask_path):
             outputs.enter_context(io.NiftiStreamWriter(job.output, stream, stream.shape, f"volfilter {job.kind}"))
             for job, _ in checked
         ]
-        # One host buffer for every download (page-locked on the GPU); the writers copy what they are
-        # handed before write() returns.
+        # One host buffer for every download (page-locked on the GPU); by the time write() returns,
+        # the writers have deflated what they were handed or copied the rest.
         staging = be.staging(stream.shape[:3])
         any_finite = False
         while True:

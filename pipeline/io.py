@@ -623,14 +623,20 @@ class _ParallelGzip:
             self._deflate = _block_deflater()
         self._pending = collections.deque()
         self._limit = 2 * threads
-        self._previous = b""
+        self._window = b""
         self._crc = 0
         self._size = 0
         fh.write(_GZIP_HEADER)
 
+    @property
+    def in_flight(self) -> int:
+        """How many of the blocks handed to :meth:`write` may still be unread when it returns (the
+        last ones handed over); every earlier block has been deflated."""
+        return 0 if self._pool is None else self._limit - 1
+
     def write(self, data) -> None:
-        """Deflate ``data``, a buffer that nobody changes any more (a worker reads it later)."""
-        window, self._previous = bytes(self._previous[-_WINDOW:]), data
+        """Deflate ``data``, a buffer that nobody changes until it has been deflated (see in_flight)."""
+        window, self._window = self._window, bytes(data[-_WINDOW:])  # nothing of data is kept past that
         if self._pool is None:
             self._emit(self._deflate(data, window))
             return
@@ -691,11 +697,16 @@ class _GzipStream(io.RawIOBase):
             self._gz.write(self._tail)
             self._tail = bytearray()
         whole = len(view) - len(view) % GZIP_BLOCK
-        # The writer reads a block after write() returns: a block of bytes (immutable, what nibabel
-        # hands over) goes as it is, a block of anything else is copied first.
-        keep = memoryview if isinstance(b, bytes) else bytes
+        # The caller may change its buffer once write() returns (the GPU path downloads every result
+        # into one). The blocks still unread then (the last three with two workers) are copied; the
+        # earlier ones have been deflated by then and go without a copy, as does all of an immutable
+        # bytes object (what nibabel hands over). Copying every block, as before, made the
+        # volume-by-volume writer ~6% slower (64 MB, 2-core VM, 11 alternated pairs: paired ratio 0.94).
+        in_flight = getattr(self._gz, "in_flight", 0)  # the zlib fallback deflates before it returns
+        copied_from = whole if isinstance(b, bytes) else max(0, whole - in_flight * GZIP_BLOCK)
         for start in range(0, whole, GZIP_BLOCK):
-            self._gz.write(keep(view[start : start + GZIP_BLOCK]))
+            block = view[start : start + GZIP_BLOCK]
+            self._gz.write(block if start < copied_from else bytes(block))
         self._tail += view[whole:]
         return n
 
@@ -737,8 +748,7 @@ class NiftiStreamWriter:
         try:
             self._gz = _GzipStream(self._file.fh) if ext == ".nii.gz" else None
             self._out = self._gz if self._gz is not None else self._file.fh
-            hdr.write_to(self._out)
-            self._out.write(b"\0" * (int(hdr.get_data_offset()) - self._out.tell()))
+            _write_header(self._out, hdr)
         except BaseException:
             self._close_gzip()
             self._file.abort()
@@ -766,19 +776,55 @@ class NiftiStreamWriter:
         return self._file.__exit__(exc_type, exc, tb)
 
 
+def _write_header(out, hdr) -> None:
+    """What nibabel writes before the data of a single-file NIfTI: the header, its extensions and
+    zeros up to the data offset."""
+    hdr.write_to(out)
+    out.write(b"\0" * (int(hdr.get_data_offset()) - out.tell()))
+
+
+def _plain_float32(img) -> np.ndarray | None:
+    """``img``'s data where nibabel would write it unchanged (a single-file NIfTI holding a native
+    float32 array, stored as native float32 with scaling 1 and 0, as :func:`derived_image` makes
+    it), else None."""
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or not isinstance(img.dataobj, np.ndarray):
+        return None
+    hdr, data = img.header, img.dataobj
+    if data.dtype != np.float32 or hdr.get_data_dtype() != np.float32:  # both native (a swapped dtype differs)
+        return None
+    if float(hdr["scl_slope"]) != 1.0 or float(hdr["scl_inter"]) != 0.0:
+        return None
+    return data
+
+
 def save(img, path) -> None:
-    """Write ``img`` atomically; ``.nii.gz`` is compressed with a fast, deterministic gzip."""
+    """Write ``img`` atomically; ``.nii.gz`` is compressed with a fast, deterministic gzip.
+
+    A float32 image as :func:`derived_image` makes it is written from its array's own memory;
+    nibabel copies the array slice by slice first (``tobytes``): a 64 MB ``.nii.gz`` write took
+    ~10% longer that way (2-core VM, 11 alternated pairs: paired ratios 0.90, 0.91, 0.94). Other
+    images go through nibabel. The bytes are nibabel's either way (tested).
+    """
     path = os.fspath(path)
     ext = nifti_extension(path)
+    data = _plain_float32(img)
+
+    def write_image(out):
+        if data is None:
+            img.to_file_map({"header": FileHolder(fileobj=out), "image": FileHolder(fileobj=out)})
+            return
+        img.update_header()  # what nibabel does first: shape, qform/sform codes, magic
+        _write_header(out, img.header)
+        out.write(memoryview(np.asfortranarray(data).T).cast("B"))  # NIfTI's order, no copy if it is already
 
     def write(fh):
         if ext == ".nii.gz":
             gz = _GzipStream(fh)
             try:
-                img.to_file_map({"header": FileHolder(fileobj=gz), "image": FileHolder(fileobj=gz)})
+                write_image(gz)
             finally:
                 gz.close()  # also on failure: the gzip worker threads must not outlive us
         else:
-            img.to_file_map({"header": FileHolder(fileobj=fh), "image": FileHolder(fileobj=fh)})
+            write_image(fh)
 
     atomic_write(path, write)

@@ -210,6 +210,53 @@ def test_gzip_threads_follow_the_cpus_the_process_may_use(tmp_path, monkeypatch)
         assert gzip.decompress((tmp_path / "x.gz").read_bytes()) == b""
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gzip_stream_reads_a_buffer_only_before_write_returns(tmp_path, rng, monkeypatch, threads):
+    """Most blocks of a large buffer are deflated from the caller's memory, without a copy; the
+    caller may overwrite the buffer as soon as write() returns, whatever the thread count."""
+    monkeypatch.setattr(vio, "GZIP_THREADS", threads)
+    buffer = np.round(rng.normal(100, 10, 3 << 20)).astype(np.float32)  # 12 MiB: 12 blocks
+    handed = []
+    with open(tmp_path / "x.gz", "wb") as fh:
+        stream = vio._GzipStream(fh)
+        stream.write(b"\1" * 352)  # a header first: the blocks do not start at the buffer's start
+        for fill in (None, 7.0, np.nan):
+            handed.append(buffer.tobytes())
+            stream.write(memoryview(buffer).cast("B"))
+            buffer[...] = fill if fill is not None else 0.0  # overwritten before the blocks are all deflated
+        stream.close()
+    expected = b"\1" * 352 + b"".join(handed)
+    assert gzip.decompress((tmp_path / "x.gz").read_bytes()) == expected
+    with open(tmp_path / "bytes.gz", "wb") as fh:  # the same bytes handed over as immutable bytes
+        stream = vio._GzipStream(fh)
+        stream.write(expected)
+        stream.close()
+    assert (tmp_path / "bytes.gz").read_bytes() == (tmp_path / "x.gz").read_bytes()
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+def test_save_writes_the_bytes_nibabel_writes(tmp_path, nib_data, ext):
+    """save() writes float32 images from their array's memory: the file must hold exactly what
+    nibabel's own writer makes of the image (3-D, 4-D, NIfTI-2, C order, a header extension)."""
+    anat, series = vio.load(nib_data("anatomical.nii")), vio.load(nib_data("example4d.nii.gz"))
+    images = [vio.derived_image(anat.data, anat), vio.derived_image(series.data, series)]
+    images.append(vio.derived_image(np.ascontiguousarray(anat.data), anat))  # C order: converted on the way
+    nifti2 = nib.Nifti2Image(anat.data, anat.affine)
+    images.append(vio.derived_image(anat.data, nifti2))
+    with_extension = vio.derived_image(anat.data, anat)
+    with_extension.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"volfilter test"))
+    images.append(with_extension)
+    moved = vio.derived_image(anat.data, anat)
+    moved.affine[:3, 3] += 5.0  # nibabel brings the header up to date with the affine when it writes
+    images.append(moved)
+    for n, img in enumerate(images):
+        assert vio._plain_float32(img) is not None
+        vio.save(img, tmp_path / f"{n}{ext}")
+        written = (tmp_path / f"{n}{ext}").read_bytes()
+        assert (gzip.decompress(written) if ext == ".nii.gz" else written) == img.to_bytes(), n
+    assert nib.load(tmp_path / f"4{ext}").header.extensions[0].get_content() == b"volfilter test"
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_stream_writer_owns_what_it_was_handed(tmp_path, rng, monkeypatch, threads):
     """The GPU path reuses one download buffer for every result: blocks deflated after write()
@@ -274,28 +321,37 @@ def test_gzip_worker_failure_propagates_and_ends_the_workers(nib_data, tmp_path,
     assert not [t for t in threading.enumerate() if t.name.startswith("volfilter-gzip")]
 
 
-def test_failed_write_leaves_nothing(tmp_path, monkeypatch, nib_data):
-    vol = vio.load(nib_data("anatomical.nii"))
-    img = vio.derived_image(vol.data, vol)
+def _images_both_save_paths(vol):
+    """An image save() writes from its array (float32, as derived_image makes it) and one it hands
+    to nibabel (int16)."""
+    plain = vio.derived_image(vol.data, vol)
+    other = nib.Nifti1Image(np.round(vol.data).astype(np.int16), vol.affine)
+    assert vio._plain_float32(plain) is not None and vio._plain_float32(other) is None
+    return [plain, other]
+
+
+def _failing_gzip_write(*args, **kwargs):
+    raise RuntimeError("disk on fire")
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["from-array", "via-nibabel"])
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch, nib_data, which):
+    img = _images_both_save_paths(vio.load(nib_data("anatomical.nii")))[which]
     target = tmp_path / "out.nii.gz"
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("disk on fire")
-
-    monkeypatch.setattr(type(img), "to_file_map", boom)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(vio._GzipStream, "write", _failing_gzip_write)
+    with pytest.raises(RuntimeError, match="disk on fire"):
         vio.save(img, target)
     assert os.listdir(tmp_path) == []
 
 
-def test_failed_write_keeps_previous_complete_file(tmp_path, monkeypatch, nib_data):
-    vol = vio.load(nib_data("anatomical.nii"))
-    img = vio.derived_image(vol.data, vol)
+@pytest.mark.parametrize("which", [0, 1], ids=["from-array", "via-nibabel"])
+def test_failed_write_keeps_previous_complete_file(tmp_path, monkeypatch, nib_data, which):
+    img = _images_both_save_paths(vio.load(nib_data("anatomical.nii")))[which]
     target = tmp_path / "out.nii.gz"
     vio.save(img, target)
     before = target.read_bytes()
-    monkeypatch.setattr(type(img), "to_file_map", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(vio._GzipStream, "write", _failing_gzip_write)
+    with pytest.raises(RuntimeError, match="disk on fire"):
         vio.save(img, target)
     assert target.read_bytes() == before and os.listdir(tmp_path) == ["out.nii.gz"]
 
