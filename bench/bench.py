@@ -275,6 +275,11 @@ for name, d in (("g", g), ("e", e), ("s", sh)):
 FILTERS_JSON = '{"g": {"kind": "gaussian", "fwhm_mm": 6}, "e": {"kind": "sobel"}, "s": {"kind": "sharpen"}}'
 
 
+# The environment the workflow gives its jobs on top of the caller's (rules/common.smk: OpenBLAS's
+# idle worker threads would spin at import); the baseline script runs as a user would run it.
+JOB_ENV = {"OPENBLAS_NUM_THREADS": "1"}
+
+
 def child_env():
     """The environment of a benchmarked child process: this checkout importable first."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
@@ -318,7 +323,7 @@ def end_to_end(inputs, tmp, label, backend="cpu", n_batch=8):
         b, o = [], []
         for _ in range(n):
             b.append(run_ms(base(src, ext)))
-            o.append(run_ms(ours(src, ext), ours_env))
+            o.append(run_ms(ours(src, ext), {**JOB_ENV, **(ours_env or {})}))
         return b, o
 
     for src in inputs:
@@ -333,12 +338,16 @@ def end_to_end(inputs, tmp, label, backend="cpu", n_batch=8):
         row(f"one volume, scipy.ndimage path: {os.path.basename(inputs[0])}", min(b), min(o))
     b, o = interleaved(inputs[0], n_batch)
     row(f"{n_batch} volumes, one process each [{backend}]", sum(b), sum(o))
-    row(f"{n_batch} volumes, one process for all [{backend}]", sum(b), run_ms(ours_one_process(inputs[0], n_batch)))
+    row(
+        f"{n_batch} volumes, one process for all [{backend}]",
+        sum(b),
+        run_ms(ours_one_process(inputs[0], n_batch), JOB_ENV),
+    )
     if backend == "cpu":
         # As the workflow runs them: one thread per job, as many jobs at once as cores (Snakemake -cN);
         # against the same sequential baseline runs (the plain script is single-threaded).
         n_cores = os.cpu_count() or 1
-        env = child_env()
+        env = {**child_env(), **JOB_ENV}
         t = time.perf_counter()
         for start in range(0, n_batch, n_cores):
             procs = [subprocess.Popen([*ours(inputs[0]), "--threads", "1"], env=env, stdout=subprocess.DEVNULL,
