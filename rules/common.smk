@@ -48,7 +48,7 @@ def _cli():
     """The volfilter CLI of this checkout, run by the job's Python (a conda env's with --sdm conda).
 
     OPENBLAS_NUM_THREADS=1: the jobs do no BLAS work worth threads, and OpenBLAS's worker threads,
-    started when NumPy is imported, spin ~0.1 s of CPU each before they sleep. Two 256^3 jobs at
+    started when NumPy is imported, spin before they sleep (0.10 s of CPU on the 2-core VM). Two 256^3 jobs at
     once on the 2-core VM (as snakemake -c2 runs them), 9 alternated pairs: paired ratios 0.92 and
     0.93; a 200-volume EPI job, long enough for it not to show: 1.03 (noise).
     """
