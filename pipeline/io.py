@@ -268,16 +268,22 @@ def _open_checked(path: str, with_image):
     return img, shape
 
 
+READ_STEP = 1 << 20  # bytes asked of the decompressor per call (see _read_exact)
+
+
 def _read_exact(fh, n: int) -> np.ndarray:
     """Read up to ``n`` bytes into one uninitialised buffer (no zero fill, no intermediate copies).
 
-    Shorter only at end of file.
+    Shorter only at end of file. The buffer is filled READ_STEP bytes at a time: Python's gzip
+    readers (stdlib and isal) answer ``readinto`` by decompressing the whole request into a new
+    bytes object and copying it over, so one call for a 64 MB volume allocated, paged in and
+    copied 64 MB more (2-core VM, 9 alternated runs: 341 -> 264 ms for a 64 MB ``.nii.gz``).
     """
     buf = np.empty(n, np.uint8)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = fh.readinto(view[got:])
+        k = fh.readinto(view[got : got + READ_STEP])
         if not k:
             break
         got += k

@@ -518,6 +518,24 @@ def test_series_is_streamed_volume_by_volume(tmp_path, rng):
     assert nib.load(tmp_path / "b.nii.gz").shape == (48, 48, 32, 160)
 
 
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+def test_load_holds_the_volume_once(tmp_path, rng, ext):
+    """Loading a float32 volume allocates its array and little more: the gzip readers decompress
+    a whole ``readinto`` request into a temporary copy, so asking for all 8 MB at once cost 8 MB more."""
+    import tracemalloc
+
+    src = tmp_path / ("big" + ext)
+    data = rng.normal(100, 10, (128, 128, 128)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), src)
+    vio.load(src)  # warm-up: lazy imports allocate too
+    tracemalloc.start()
+    vol = vio.load(src)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert_array_equal(vol.data, data)
+    assert peak < data.nbytes + 4 * 2**20, f"peak {peak / 2**20:.1f} MB for {data.nbytes / 2**20:.0f} MB of data"
+
+
 def test_fsync_is_opt_in(tmp_path, monkeypatch):
     """VOLFILTER_FSYNC=1 (io.FSYNC) forces each output to disk before the rename; off by default."""
     import pipeline.io as vio
