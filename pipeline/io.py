@@ -57,11 +57,6 @@ except ImportError:  # pragma: no cover - exercised only without isal
     _deflate = None
     GZIP_BACKEND = "zlib"
 
-try:  # optional: decompresses one gzip stream on several threads (see _CheckedParallelGzip)
-    import rapidgzip as _rapidgzip
-except ImportError:  # pragma: no cover - exercised only without rapidgzip
-    _rapidgzip = None
-
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 # Input float copy + output float copy + a few per-volume temporaries.
 WORKING_COPIES = 2
@@ -147,133 +142,9 @@ def working_bytes(shape) -> int:
     return 4 * (WORKING_COPIES * n_total + VOLUME_TEMPORARIES * n_vol)
 
 
-PARALLEL_READ_MIN = 4 << 20  # compressed bytes; smaller files are read on one thread (see _CheckedParallelGzip)
-
-
-def _gzip_trailer(path: str) -> tuple[int, int]:
-    """The CRC-32 and length mod 2**32 that a gzip file's last member records (RFC 1952)."""
-    with open(path, "rb") as raw:
-        raw.seek(-8, os.SEEK_END)
-        return struct.unpack("<II", raw.read(8))
-
-
-def _crc32(data, value: int) -> int:
-    return (_deflate or zlib).crc32(data, value)
-
-
-class _CheckedParallelGzip(io.RawIOBase):
-    """A gzip stream decompressed on several threads by rapidgzip, every byte checked.
-
-    rapidgzip decodes any gzip file (not only its own) in parallel. It checks each member's CRC-32
-    and length, but it can report a file truncated inside its deflate stream as complete (its issue
-    #71, open for 0.16): so this reader keeps the CRC-32 of every byte it hands out, and at the end of
-    the stream compares it and the length with the file's gzip trailer. Where they differ (a damaged
-    file, or one of several gzip members or with padding after its member, which rapidgzip reads
-    correctly) the serial reader decodes the whole file and must agree; its errors are the usual
-    ones. An error from rapidgzip hands the rest of the stream to the serial reader the same way.
-
-    64 MB ``.nii.gz`` volumes on the 2-core VM, 9 alternated runs, 1 MiB reads: ours 264 -> 218 ms,
-    nibabel's 298 -> 247 ms. Files under PARALLEL_READ_MIN (one rapidgzip chunk) are read serially:
-    a 338 KB example4d took 5.0 ms serially and 6.4 ms on two threads.
-    """
-
-    def __init__(self, path: str, threads: int):
-        super().__init__()
-        self._path = path
-        self._f = _rapidgzip.open(path, parallelization=threads)
-        self._serial = False
-        self._pos = 0  # decompressed bytes before the current position
-        self._checked = 0  # bytes [0, _checked) went into _crc
-        self._crc = 0
-        self._at_end = False
-
-    def _switch_to_serial(self) -> None:
-        with contextlib.suppress(Exception):
-            self._f.close()
-        self._f = _gzip_impl.open(self._path, "rb")
-        self._serial = True
-        self._f.seek(self._pos)
-
-    def _run(self, op):
-        if self._serial:
-            return op(self._f)
-        try:
-            return op(self._f)
-        except Exception:  # rapidgzip raises ValueError or RuntimeError on damage: the serial reader decides
-            self._switch_to_serial()
-            return op(self._f)
-
-    def readinto(self, b) -> int:
-        with memoryview(b) as m, m.cast("B") as view:
-            n = self._run(lambda f: f.readinto(view)) or 0
-            if self._pos <= self._checked < self._pos + n:
-                self._crc = _crc32(view[self._checked - self._pos : n], self._crc)
-                self._checked = self._pos + n
-            self._pos += n
-            if n == 0 and len(view) and self._checked == self._pos:
-                self._check_end()
-            return n
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            chunks = []
-            while chunk := self.read(READ_STEP):
-                chunks.append(chunk)
-            return b"".join(chunks)
-        buf = bytearray(n)
-        return bytes(buf[: self.readinto(buf)])
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_CUR:
-            offset += self._pos
-        elif whence != os.SEEK_SET:
-            raise OSError("seeking from the end of a gzip stream is not supported")
-        if offset > self._checked:  # read over the gap, so that the check covers every byte
-            self._run(lambda f: f.seek(self._checked))
-            self._pos = self._checked
-            while self._pos < offset and self.read(min(READ_STEP, offset - self._pos)):
-                pass
-        self._run(lambda f: f.seek(offset))
-        self._pos = offset
-        return offset
-
-    def tell(self) -> int:
-        return self._pos
-
-    def _check_end(self) -> None:
-        if self._at_end:
-            return
-        self._at_end = True
-        if _gzip_trailer(self._path) == (self._crc, self._checked & 0xFFFFFFFF):
-            return
-        crc, n = 0, 0
-        with _gzip_impl.open(self._path, "rb") as serial:
-            while chunk := serial.read(READ_STEP):
-                crc, n = _crc32(chunk, crc), n + len(chunk)
-        if (crc, n) != (self._crc, self._checked):
-            raise OSError("the parallel gzip reader and the serial one disagree on this file")
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if not self.closed:
-            self._f.close()
-        super().close()
-
-
-def read_threads() -> int:
-    """Threads that decompress one ``.nii.gz`` input: the writer's (GZIP_THREADS, else the usable CPUs)."""
-    return GZIP_THREADS or usable_cpus()
-
-
 @contextlib.contextmanager
-def _open_raw(path: str, parallel: bool = False):
-    """Open ``path`` for reading, decompressing ``.gz`` on the fly; with ``parallel``, a large
-    ``.gz`` on several threads where rapidgzip is installed and more than one thread is allowed."""
+def _open_raw(path: str):
+    """Open ``path`` for reading, decompressing ``.gz`` on the fly."""
     with open(path, "rb") as fh:
         magic = fh.read(2)
     is_gz = magic == b"\x1f\x8b"
@@ -282,11 +153,7 @@ def _open_raw(path: str, parallel: bool = False):
         raise VolfilterError(f"{path}: named .gz but not gzip-compressed; rename it to end in .nii")
     if is_gz and not named_gz:
         raise VolfilterError(f"{path}: gzip-compressed but not named .gz; rename it to end in .nii.gz")
-    threads = read_threads()
-    if is_gz and parallel and _rapidgzip is not None and threads > 1 and os.path.getsize(path) >= PARALLEL_READ_MIN:
-        fh = _CheckedParallelGzip(path, threads)
-    else:
-        fh = _gzip_impl.open(path, "rb") if is_gz else open(path, "rb")
+    fh = _gzip_impl.open(path, "rb") if is_gz else open(path, "rb")
     try:
         yield fh, is_gz
     finally:
@@ -368,7 +235,7 @@ def read_header(path) -> nib.Nifti1Image:
     return img
 
 
-def _open_checked(path: str, with_image, parallel: bool = False):
+def _open_checked(path: str, with_image):
     nifti_extension(path)
     if not os.path.exists(path):
         raise VolfilterError(f"{path}: no such file")
@@ -379,7 +246,7 @@ def _open_checked(path: str, with_image, parallel: bool = False):
         raise VolfilterError(f"{path}: empty file")
     gz_isize = None
     try:
-        with _open_raw(path, parallel) as (fh, is_gz):
+        with _open_raw(path) as (fh, is_gz):
             if is_gz:
                 with open(path, "rb") as raw:
                     raw.seek(-4, os.SEEK_END)
@@ -494,7 +361,7 @@ def load(path) -> Volume:
     def keep(img, fh):
         holder["data"] = read_all(img, fh)
 
-    img, _ = _open_checked(path, keep, parallel=True)
+    img, _ = _open_checked(path, keep)
     data = holder["data"]
     if not has_finite(data):
         raise VolfilterError(f"{path}: every voxel is NaN or infinite; there is nothing to filter")
@@ -536,7 +403,7 @@ def open_volumes(path):
     path = os.fspath(path)
     img = read_header(path)
     shape = shape_of(img)
-    with _open_raw(path, parallel=True) as (fh, _):
+    with _open_raw(path) as (fh, _):
         yield VolumeStream(
             img.header.copy(), img.affine.copy(), shape, path, _read_volumes(img.dataobj, fh, shape, path)
         )
