@@ -19,3 +19,6 @@ for be in gpu cpu; do  # where the in-process time goes, both paths on this host
   timeout "${BREAKDOWN_S:-60}" python3 bench/breakdown.py --backend $be --batch "${BATCH:-2}" --top 15 2>&1
 done > "$out/gpu-breakdown.txt"
 timeout "${BENCH_S:-300}" python3 bench/bench.py --gpu-only --batch "${BATCH:-2}" ${BENCH_ARGS:-} 2>&1 | tee "$out/gpu-bench.txt"
+# Parallel decompression of inputs (not adopted on 2 cores): measured where rapidgzip's wheel came along
+# (bash ../shared/gpu/prepare-wheels.sh rapidgzip).
+timeout "${READ_S:-120}" python3 bench/parallel_read.py 2>&1 | tee "$out/parallel-read.txt"
