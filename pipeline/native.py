@@ -177,6 +177,22 @@ def _view(x, per_axis):
     return np.ascontiguousarray(x), tuple(per_axis), False
 
 
+ALIGN = 64  # bytes: one cache line
+
+
+def _empty(shape) -> np.ndarray:
+    """An uninitialised C-ordered float32 array that starts on a cache line, for a kernel's output.
+
+    NumPy's large arrays start 16 bytes into a page (glibc's chunk header), so each 64-byte run of
+    an output row that a kernel stores straddles two cache lines. 256³ Gaussian of 21 taps, 2-core
+    VM, a fresh output per call, 2 threads, 15 alternated pairs: paired ratios 0.944, 0.951, 0.946.
+    """
+    n = int(np.prod(shape))
+    raw = np.empty(n + ALIGN // 4 - 1, np.float32)  # float32 arrays start on 4 bytes at least
+    skip = (-raw.ctypes.data % ALIGN) // 4
+    return raw[skip : skip + n].reshape(shape)
+
+
 def _finish(out, transposed):
     return out.T if transposed else out
 
@@ -193,7 +209,7 @@ def separable(x, weights, mode="reflect"):
     """Correlate with one odd-length 1-D kernel per axis (a Gaussian, a box)."""
     v, w, t = _view(x, weights)
     wk, wj, wi = (_f32(a) for a in w)
-    out = np.empty(v.shape, np.float32)
+    out = _empty(v.shape)
     _check(
         _lib.vf_separable(_p(v), _p(out), *v.shape, _p(wk), wk.size, _p(wj), wj.size, _p(wi), wi.size, MODE_CODES[mode])
     )
@@ -212,14 +228,14 @@ def gradient(x, scale_per_axis, axis, smooth, mode="reflect"):
     """Sobel (smooth=(1,2,1)) or Prewitt (1,1,1); ``axis`` 0/1/2 or 'magnitude'; result × scale."""
     v, scale, t = _view(x, scale_per_axis)
     which = 3 if axis == "magnitude" else ((2 - int(axis)) if t else int(axis))  # view axes reversed for F input
-    out = np.empty(v.shape, np.float32)
+    out = _empty(v.shape)
     _check(_lib.vf_gradient(_p(v), _p(out), *v.shape, _p(_f32(smooth)), _p(_f32(scale)), which, MODE_CODES[mode]))
     return _finish(out, t)
 
 
 def sharpen(x, amount, mode="reflect"):
     v, _, t = _view(x, (0, 0, 0))
-    out = np.empty(v.shape, np.float32)
+    out = _empty(v.shape)
     _check(_lib.vf_sharpen(_p(v), _p(out), *v.shape, float(amount), MODE_CODES[mode]))
     return _finish(out, t)
 
@@ -228,7 +244,7 @@ def correlate(x, kernel, mode="reflect"):
     v, _, t = _view(x, (0, 0, 0))
     k = np.asarray(kernel, np.float32)
     k = _f32(k.transpose((2, 1, 0)) if t else k)
-    out = np.empty(v.shape, np.float32)
+    out = _empty(v.shape)
     _check(_lib.vf_correlate(_p(v), _p(out), *v.shape, _p(k), *k.shape, MODE_CODES[mode]))
     return _finish(out, t)
 
