@@ -185,7 +185,7 @@ def _empty(shape) -> np.ndarray:
 
     NumPy's large arrays start 16 bytes into a page (glibc's chunk header), so each 64-byte run of
     an output row that a kernel stores straddles two cache lines. 256³ Gaussian of 21 taps, 2-core
-    VM, a fresh output per call, 2 threads, 15 alternated pairs: paired ratios 0.944, 0.951, 0.946.
+    VM, a fresh output per call, 2 threads, 15 alternated pairs: paired ratios 0.933-0.951.
     """
     n = int(np.prod(shape))
     raw = np.empty(n + ALIGN // 4 - 1, np.float32)  # float32 arrays start on 4 bytes at least
