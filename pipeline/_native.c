@@ -272,6 +272,18 @@ static void pass_rows(float *dst, int64_t dstride, const float *src, int64_t n, 
     }
 }
 
+/* Planes handed to a thread at a time by the per-plane loops: as many as fill 2 MB (8 planes of
+ * 256x256), so that two threads seldom write into, and first touch, the same huge page of a fresh
+ * output; at most an eighth of the volume, so that the threads still share the work evenly. Against
+ * 2 planes at a time, 256^3, 2 threads, fresh 64-byte-aligned outputs, 21 alternated pairs, twice
+ * (2-core VM): Gaussian of 21 taps paired ratios 0.94, 0.94; Sobel 0.91, 0.94; sharpen 0.83, 0.86;
+ * 3x3x3 correlate 0.91, 0.94; 40 or 100 planes unchanged; same bits. */
+static int64_t plane_chunk(int64_t nz, int64_t plane) {
+    int64_t kc = ((int64_t)2 << 20) / (plane * (int64_t)sizeof(float));  /* plane >= 1: callers return on empty */
+    if (kc > nz / 8) kc = nz / 8;
+    return kc < 1 ? 1 : kc;
+}
+
 /* Row stride of a thread buffer: a multiple of 16 floats plus 16, so that rows a power of two
  * apart do not fall on the same L1 sets. */
 static int64_t buffer_stride(int64_t n) { return (n + 15) / 16 * 16 + 16; }
@@ -362,7 +374,7 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                  const float *wk, int64_t Tk, const float *wj, int64_t Tj, const float *wi, int64_t Ti, int mode) {
     if (nz <= 0 || ny <= 0 || nx <= 0) return 0;  /* nothing to filter (map_index needs n >= 1) */
     int failed = 0, seen = 0;
-    int64_t plane = ny * nx, ri = (Ti - 1) / 2, rj = (Tj - 1) / 2, rk = (Tk - 1) / 2;
+    int64_t plane = ny * nx, ri = (Ti - 1) / 2, rj = (Tj - 1) / 2, rk = (Tk - 1) / 2, kc = plane_chunk(nz, plane);
     int sk = is_symmetric(wk, Tk), sj = is_symmetric(wj, Tj), si = is_symmetric(wi, Ti);
     if (sk && nz * plane >= PARALLEL_MIN && ring_fits(plane, rk))
         return separable_ring(x, out, nz, ny, nx, wk, Tk, wj, Tj, wi, Ti, mode);
@@ -382,7 +394,7 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
             memset(zero, 0, (size_t)zlen * sizeof(float));
             tap_table(jrows, buf, bs, ny, rj, mode, zero);
             tap_table(krows, col, cs, nz, rk, mode, zero);
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(dynamic, kc)
             for (int64_t k = 0; k < nz; k++) {
                 if (stop(&seen)) continue;
                 pass_rows(buf, bs, x + k * plane, ny, nx, wi, Ti, si, edge, pad, src, &seen);
@@ -408,7 +420,7 @@ int vf_gradient(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                 const float *smooth, const float *scale, int which, int mode) {
     if (nz <= 0 || ny <= 0 || nx <= 0) return 0;  /* nothing to filter (map_index needs n >= 1) */
     int failed = 0, seen = 0;
-    int64_t plane = ny * nx;
+    int64_t plane = ny * nx, kc = plane_chunk(nz, plane);
     const float d[3] = {-1.0f, 0.0f, 1.0f};
     const int ss = is_symmetric(smooth, 3);
 #pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
@@ -421,7 +433,7 @@ int vf_gradient(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
         int64_t *edge = edge_table(nx, 1, mode);
         if (all_allocated(P && Q && t1 && gk && gj && gi && pad && zero && taps && rows && edge, &failed)) {
             tap_table(rows, t1, nx, ny, 1, mode, zero);
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(dynamic, kc)
             for (int64_t k = 0; k < nz; k++) {
                 if (stop(&seen)) continue;
                 int64_t km = map_index(k - 1, nz, mode), kp = map_index(k + 1, nz, mode);
@@ -466,13 +478,14 @@ int vf_gradient(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
 int vf_sharpen(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx, float amount, int mode) {
     if (nz <= 0 || ny <= 0 || nx <= 0) return 0;  /* nothing to filter (map_index needs n >= 1) */
     int failed = 0, seen = 0;
+    int64_t kc = plane_chunk(nz, ny * nx);
     const float centre = 1.0f + 6.0f * amount, a = amount;
 #pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
     {
         float *pad = malloc((size_t)(nx + 2) * sizeof(float));
         int64_t *edge = edge_table(nx, 1, mode);
         if (all_allocated(pad && edge, &failed))
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(dynamic, kc)
         for (int64_t k = 0; k < nz; k++) {
             if (stop(&seen)) continue;
             watch(&seen, x + k * ny * nx, ny * nx);
@@ -500,13 +513,14 @@ int vf_correlate(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                  const float *w, int64_t kz, int64_t ky, int64_t kx, int mode) {
     if (nz <= 0 || ny <= 0 || nx <= 0) return 0;  /* nothing to filter (map_index needs n >= 1) */
     int failed = 0, seen = 0;
+    int64_t kc = plane_chunk(nz, ny * nx);
     int64_t rk = kz / 2, rj = ky / 2, ri = kx / 2;
 #pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
     {
         float *pad = malloc((size_t)(nx + 2 * ri) * sizeof(float));
         int64_t *edge = edge_table(nx, ri, mode);
         if (all_allocated(pad && edge, &failed))
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(dynamic, kc)
         for (int64_t k = 0; k < nz; k++) {
             if (stop(&seen)) continue;
             watch(&seen, x + k * ny * nx, ny * nx);
