@@ -720,9 +720,10 @@ void vf_missing_finish(float *out, const float *den, const float *x, const uint8
     }
 }
 
-/* out = a x + b y */
+/* out = a x + b y, 2 MB of output to a thread at a time (see plane_chunk; against 256 KB: 256^3
+ * into fresh outputs, 2 threads, 21 alternated pairs, three times: paired ratios 0.90-0.99) */
 void vf_axpby(const float *x, const float *y, float *out, int64_t n, float a, float b) {
-#pragma omp parallel for schedule(dynamic, 65536) if (n >= PARALLEL_MIN)
+#pragma omp parallel for schedule(dynamic, 524288) if (n >= PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) out[i] = a * x[i] + b * y[i];
 }
 

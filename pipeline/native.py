@@ -301,7 +301,7 @@ def axpby(x, y, a, b):
     """a·x + b·y in the memory order of ``y`` (both float32, same shape)."""
     vy, _, t = _view(y, (0, 0, 0))
     vx = np.ascontiguousarray(x.T if t else x, dtype=np.float32)
-    out = np.empty(vy.shape, np.float32)
+    out = _empty(vy.shape)
     _lib.vf_axpby(_p(vx), _p(vy), _p(out), out.size, float(a), float(b))
     return _finish(out, t)
 
