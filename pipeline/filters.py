@@ -474,13 +474,29 @@ def apply_filter(data, voxel_mm, name, *, mode="reflect", mask=None, **params):
 
     workers = _volume_threads(data)
     if workers > 1:
+        n, run = data.shape[3], _volume_run(data.shape, workers)
+
+        def some(t0):
+            for t in range(t0, min(t0 + run, n)):
+                one(t)
+
         with ThreadPoolExecutor(workers, thread_name_prefix="volfilter-volume") as pool:
-            for _ in pool.map(one, range(data.shape[3])):  # raises the first failure
+            for _ in pool.map(some, range(0, n, run)):  # raises the first failure
                 pass
     else:
         for t in range(data.shape[3]):
             one(t)
     return out
+
+
+def _volume_run(shape, workers: int) -> int:
+    """Volumes a thread filters in a row: as many as fill 2 MB of the output (3 of 64×64×40), so
+    that two threads seldom write into, and first touch, the same huge page of the fresh series;
+    at most a quarter of each thread's share. Against one volume at a time, 200 volumes of 64×64×40,
+    2 threads, 2-core VM, 11 alternated runs, twice: Gaussian paired ratios 0.94, 0.92; Sobel 0.93,
+    0.95; sharpen 0.90, 0.94; same bits."""
+    vol_bytes = 4 * math.prod(shape[:3])
+    return max(1, min((2 << 20) // max(vol_bytes, 1), shape[3] // (4 * workers)))
 
 
 def _volume_threads(data) -> int:

@@ -61,17 +61,31 @@ def test_series_of_small_volumes_split_over_threads_by_volume(name, rng, monkeyp
     calls = []
     real = filters._volume_threads
     monkeypatch.setattr(filters, "_volume_threads", lambda d: calls.append(real(d)) or calls[-1])
-    for m in (None, mask):
-        outs = []
-        for n in (1, 2, 3):
-            fast.set_threads(n)
-            outs.append(apply_filter(x, VOX, name, mask=m, **params))
-        fast.set_threads(None)
-        alone = np.stack([apply_filter(x[..., t], VOX, name, mask=m, **params) for t in range(x.shape[3])], -1)
-        assert all(np.array_equal(o, alone, equal_nan=True) for o in outs)
-    assert calls == [1, 2, 3, 1, 2, 3]
+    for run in (None, 3):  # the volumes a thread takes in a row: what _volume_run gives (1 here), and 3
+        if run:
+            monkeypatch.setattr(filters, "_volume_run", lambda shape, workers, run=run: run)
+        for m in (None, mask):
+            outs = []
+            for n in (1, 2, 3):
+                fast.set_threads(n)
+                outs.append(apply_filter(x, VOX, name, mask=m, **params))
+            fast.set_threads(None)
+            alone = np.stack([apply_filter(x[..., t], VOX, name, mask=m, **params) for t in range(x.shape[3])], -1)
+            assert all(np.array_equal(o, alone, equal_nan=True) for o in outs)
+    assert calls == [1, 2, 3, 1, 2, 3] * 2
     big = np.zeros((128, 128, 64, 2), np.float32)  # 2**20 voxels a volume: the kernels split each one
     assert real(big) == 1 and real(x[..., :1]) == 1
+
+
+@pytest.mark.parametrize(
+    "shape, workers, run",
+    [((64, 64, 40, 200), 2, 3), ((20, 18, 12, 7), 2, 1), ((64, 64, 40, 10), 2, 1), ((8, 8, 8, 1000), 2, 125),
+     ((8, 8, 8, 1000), 16, 15), ((300, 300, 300, 4), 2, 1)],
+)  # fmt: skip
+def test_volumes_taken_in_runs_of_2_mb_and_a_quarter_share_at_most(shape, workers, run):
+    import pipeline.filters as filters
+
+    assert filters._volume_run(shape, workers) == run
 
 
 def test_qc_smoothness_sums_identical_whatever_the_thread_count(rng):
