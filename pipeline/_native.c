@@ -36,6 +36,10 @@
 /* Flat passes over a volume hand out blocks of this many voxels (dynamically, 16 at a time). */
 #define BLOCK 65536
 
+/* A transparent huge page of x86-64 Linux: the unit in which outputs are first touched (see
+ * plane_chunk) and in which alloc_huge rounds its buffers. */
+#define HUGE_PAGE ((int64_t)2 << 20)
+
 static inline int64_t map_index(int64_t idx, int64_t n, int mode) {
     if (idx >= 0 && idx < n) return idx;
     if (mode == 4) return -1;
@@ -279,7 +283,7 @@ static void pass_rows(float *dst, int64_t dstride, const float *src, int64_t n, 
  * (2-core VM): Gaussian of 21 taps paired ratios 0.94, 0.94; Sobel 0.91, 0.94; sharpen 0.83, 0.86;
  * 3x3x3 correlate 0.91, 0.94; 40 or 100 planes unchanged; same bits. */
 static int64_t plane_chunk(int64_t nz, int64_t plane) {
-    int64_t kc = ((int64_t)2 << 20) / (plane * (int64_t)sizeof(float));  /* plane >= 1: callers return on empty */
+    int64_t kc = HUGE_PAGE / (plane * (int64_t)sizeof(float));  /* plane >= 1: callers return on empty */
     if (kc > nz / 8) kc = nz / 8;
     return kc < 1 ? 1 : kc;
 }
@@ -309,7 +313,7 @@ static float *alloc64(int64_t n) { return aligned_alloc(64, (size_t)(n > 16 ? (n
 
 /* n floats on whole 2 MB pages where the kernel grants them (a hint; 4 KB pages give the same bits). */
 static float *alloc_huge(int64_t n) {
-    size_t huge = (size_t)1 << 21, nb = ((size_t)n * sizeof(float) + huge - 1) / huge * huge;
+    size_t huge = (size_t)HUGE_PAGE, nb = ((size_t)n * sizeof(float) + huge - 1) / huge * huge;
     void *p = NULL;
     if (posix_memalign(&p, huge, nb) != 0) return NULL;
 #ifdef MADV_HUGEPAGE
@@ -723,7 +727,7 @@ void vf_missing_finish(float *out, const float *den, const float *x, const uint8
 /* out = a x + b y, 2 MB of output to a thread at a time (see plane_chunk; against 256 KB: 256^3
  * into fresh outputs, 2 threads, 21 alternated pairs, three times: paired ratios 0.90-0.99) */
 void vf_axpby(const float *x, const float *y, float *out, int64_t n, float a, float b) {
-#pragma omp parallel for schedule(dynamic, 524288) if (n >= PARALLEL_MIN)
+#pragma omp parallel for schedule(dynamic, HUGE_PAGE / (int64_t)sizeof(float)) if (n >= PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) out[i] = a * x[i] + b * y[i];
 }
 
