@@ -31,17 +31,11 @@ from isal import igzip  # noqa: E402
 
 from pipeline import io as vio  # noqa: E402
 
-STEP = 1 << 20
-
 
 def read_all(fh, size: int) -> int:
+    """Bytes read from ``fh`` the way volfilter reads a volume (``pipeline.io._read_exact``)."""
     with fh:
-        buf = np.empty(size, np.uint8)
-        view = memoryview(buf)
-        got = 0
-        while k := fh.readinto(view[got : got + STEP]):
-            got += k
-    return got
+        return len(vio._read_exact(fh, size))
 
 
 def files(tmp: str, n: int, rng) -> dict[str, tuple[str, int]]:
