@@ -32,7 +32,7 @@ FILTER_NAMES = sorted(config["filters"])
 KERNEL_FILES = wf.kernel_files(config["filters"])
 BY_KEY = {v.key: v for v in VOLUMES}
 GPU_REQUEST = 1 if config["backend"] == "gpu" else 0
-# CPU jobs: one thread each (README, Performance). GPU jobs run one at a time per GPU: give their
+# CPU jobs: one thread each (measured in bench/NOTES.md, "Threads"). GPU jobs run one at a time per GPU: give their
 # host-side gzip the cores that the other jobs' count would have used.
 FILTER_THREADS = config["gpu_threads"] if GPU_REQUEST else 1
 NII = ".nii.gz" if config["compress"] else ".nii"  # the derived volumes' extension
