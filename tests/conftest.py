@@ -1,3 +1,4 @@
+import gzip
 import hashlib
 import os
 import pathlib
@@ -12,6 +13,21 @@ from pipeline.example import nibabel_data_file
 def digest(path):
     """SHA-256 of a file's bytes (hashlib, independent of pipeline.provenance)."""
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def first_difference(a: bytes, b: bytes):
+    """Offset of the first byte where ``a`` and ``b`` differ (the shorter length if one is a prefix), or None."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.frombuffer(a, np.uint8, n) != np.frombuffer(b, np.uint8, n))
+    return int(diff[0]) if diff.size else (None if len(a) == len(b) else n)
+
+
+def why_gzip_differs(a: bytes, b: bytes) -> str:
+    """For a failed byte-identity check of two gzip files: where they differ, and whether what they
+    hold differs too, or only the compressed bytes (the compressor parsed the same data differently)."""
+    da, db = gzip.decompress(a), gzip.decompress(b)
+    held = "the same data" if da == db else f"different data from byte {first_difference(da, db)} of {len(da)}"
+    return f"{len(a)} and {len(b)} bytes, first different byte {first_difference(a, b)}; decompressed they hold {held}"
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from conftest import digest
+from conftest import digest, why_gzip_differs
 from test_workflow import REPO, snakemake
 
 from pipeline.cli import main
@@ -35,7 +35,8 @@ def test_kill_9_mid_run_never_leaves_a_truncated_output(big_input, tmp_path):
     subprocess.run(cmd, check=True, env=env)
     full = time.perf_counter() - t
     reference = digest(out)
-    out.unlink()
+    first = tmp_path / "first.nii.gz"
+    out.rename(first)  # kept for the message below (and in tmp_path) should a rerun differ
     outcomes = set()
     for frac in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
         proc = subprocess.Popen(cmd, env=env)
@@ -43,14 +44,14 @@ def test_kill_9_mid_run_never_leaves_a_truncated_output(big_input, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if out.exists():  # only ever the complete result
-            assert digest(out) == reference
+            assert digest(out) == reference, why_gzip_differs(first.read_bytes(), out.read_bytes())
             outcomes.add("complete")
             out.unlink()
         else:
             outcomes.add("absent")
     assert "absent" in outcomes
     subprocess.run(cmd, check=True, env=env)  # a clean rerun also removes temporaries of killed runs
-    assert digest(out) == reference
+    assert digest(out) == reference, why_gzip_differs(first.read_bytes(), out.read_bytes())
     assert [n for n in os.listdir(out.parent) if TMP_SUFFIX in n] == []
 
 
