@@ -75,6 +75,28 @@ def test_display_range_from_a_subsample_of_a_large_volume(monkeypatch):
     assert qc._limits(x, "input") == pytest.approx(tuple(exact))
 
 
+def test_output_shares_the_input_display_range_only_while_it_fits():
+    """A smoothed volume is drawn on the input's range (contrast change visible); a sharpened
+    noisy one spreads far past it and gets its own range: np.percentile of its voxels."""
+    rng = np.random.default_rng(3)
+    z, y, x = np.mgrid[:40, :40, :40]
+    phantom = np.where((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 < 15**2, 1000.0, 100.0)
+    noisy = (phantom + rng.normal(0, 60, phantom.shape)).astype(np.float32)
+    in_lim = tuple(np.percentile(noisy, [1, 99.5]))
+    for kind, params in (("gaussian", {"fwhm_mm": 4}), ("identity", {})):
+        got_in, got_out, shared = qc.display_ranges(noisy, apply_filter(noisy, (1, 1, 1), kind, **params), kind)
+        assert shared and got_out == got_in == pytest.approx(in_lim)
+    for kind, params in (("sharpen", {"amount": 1.0}), ("emboss", {})):
+        out = apply_filter(noisy, (1, 1, 1), kind, **params)
+        own = np.percentile(out, [1, 99.5])
+        assert own[1] - own[0] > 1.5 * (in_lim[1] - in_lim[0])  # the case this is about
+        got_in, got_out, shared = qc.display_ranges(noisy, out, kind)
+        assert not shared and got_in == pytest.approx(in_lim) and got_out == pytest.approx(tuple(own))
+    edges = apply_filter(noisy, (1, 1, 1), "sobel")
+    _, got_out, shared = qc.display_ranges(noisy, edges, "sobel")
+    assert not shared and got_out == pytest.approx((0.0, np.percentile(edges, 99.5)))
+
+
 def test_metrics_columns():
     x = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
     x[0, 0, 0] = np.nan
