@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import importlib.util
 import os
+import weakref
 
 import numpy as np
 
@@ -180,17 +181,68 @@ def _view(x, per_axis):
 ALIGN = 64  # bytes: one cache line
 
 
+class _Output:
+    """The owner of a kernel output's memory: the NumPy arrays over it keep it alive, and when the
+    last of them is gone, its buffer goes to the pool that :func:`_empty` takes from."""
+
+    __slots__ = ("__array_interface__", "raw", "__weakref__")
+
+
+# Buffers of outputs nobody uses any more, for the next output of the same size. Only list.append
+# and list.pop touch it, each atomic under the GIL: arrays die, and give their buffer back, in any
+# thread (the 4-D path filters volumes on several) and whenever a collection runs.
+_POOL: list = []
+POOL_MAX = 2  # 0: no reuse
+
+
+def _give_back(raw) -> None:
+    if len(_POOL) < POOL_MAX:
+        _POOL.append(raw)
+
+
+def release_buffers() -> None:
+    """Free the output buffers kept for reuse (at most POOL_MAX volumes' worth)."""
+    while _POOL:
+        try:
+            _POOL.pop()
+        except IndexError:
+            break
+
+
+def _buffer(size: int) -> np.ndarray:
+    """A float32 buffer of ``size`` from the pool, else a new one; one of another size is dropped."""
+    try:
+        raw = _POOL.pop()
+    except IndexError:
+        raw = None
+    return raw if raw is not None and raw.size == size else np.empty(size, np.float32)
+
+
 def _empty(shape) -> np.ndarray:
     """An uninitialised C-ordered float32 array that starts on a cache line, for a kernel's output.
 
     NumPy's large arrays start 16 bytes into a page (glibc's chunk header), so each 64-byte run of
     an output row that a kernel stores straddles two cache lines. 256³ Gaussian of 21 taps, 2-core
     VM, a fresh output per call, 2 threads, 15 alternated pairs: paired ratios 0.933-0.951.
+
+    The memory of an output that its caller has let go is reused for the next (see _POOL): a new
+    64 MB array costs the first pass over it Linux's handing out and zeroing of 16,384 pages, 13 ms
+    against 6 ms to fill one written before. 256³, 2 threads, 2-core VM, 8 alternated fresh
+    processes, best of 7 calls each: Gaussian paired ratio 0.87 (median), Sobel 0.78, sharpen 0.67.
     """
     n = int(np.prod(shape))
-    raw = np.empty(n + ALIGN // 4 - 1, np.float32)  # float32 arrays start on 4 bytes at least
+    raw = _buffer(n + ALIGN // 4 - 1)  # float32 arrays start on 4 bytes at least
     skip = (-raw.ctypes.data % ALIGN) // 4
-    return raw[skip : skip + n].reshape(shape)
+    owner = _Output()
+    owner.raw = raw  # the whole buffer (the output starts up to 60 bytes in)
+    owner.__array_interface__ = {
+        "shape": (n,),
+        "typestr": raw.dtype.str,
+        "data": (raw.ctypes.data + 4 * skip, False),
+        "version": 3,
+    }
+    weakref.finalize(owner, _give_back, raw)
+    return np.asarray(owner).reshape(shape)
 
 
 def _finish(out, transposed):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from conftest import filter_params
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 
 from pipeline import apply_filter
 from pipeline.backend import cpu_kernels
@@ -453,7 +453,41 @@ def test_kernel_outputs_start_on_a_cache_line(call, order, rng):
     assert out.ctypes.data % 64 == 0
     assert out.flags.f_contiguous if seen.flags.f_contiguous else out.flags.c_contiguous
     assert out.dtype == np.float32 and out.shape == seen.shape
-    base = out.base if out.base is not None else out
-    while base.base is not None:
-        base = base.base
-    assert base.nbytes - out.nbytes < 64
+    assert _owner(out).raw.nbytes - out.nbytes < 64
+
+
+def _owner(a):
+    """The object that owns a kernel output's buffer, past the views over it."""
+    while not hasattr(a, "raw"):
+        a = a.base
+    return a
+
+
+@pytest.mark.parametrize("call", list(_OUTPUT_CALLS))
+def test_outputs_reuse_memory_let_go_and_only_that(call, rng, monkeypatch):
+    """An output's buffer is reused once no array uses it; the next output is then written in full
+    (the buffer is poisoned with NaN first) and equals one written into fresh memory, bit for bit."""
+    monkeypatch.setattr(fast, "_POOL", [])
+    x = np.asfortranarray(rng.normal(size=(20, 24, 28)).astype(np.float32))
+    y = np.asfortranarray(rng.normal(size=(20, 24, 28)).astype(np.float32))
+    monkeypatch.setattr(fast, "POOL_MAX", 0)
+    fresh = _OUTPUT_CALLS[call](y)
+    monkeypatch.setattr(fast, "POOL_MAX", 2)
+    first = _OUTPUT_CALLS[call](x)
+    kept = first[2:, 3:]  # a view keeps the buffer in use
+    buffer = _owner(kept).raw.ctypes.data
+    del first
+    assert fast._POOL == []
+    second = _OUTPUT_CALLS[call](y)
+    assert not np.shares_memory(kept, second)
+    assert_array_equal(second, fresh)
+    del kept
+    assert [b.ctypes.data for b in fast._POOL] == [buffer]
+    fast._POOL[0][:] = np.nan
+    third = _OUTPUT_CALLS[call](y)
+    assert fast._POOL == [] and _owner(third).raw.ctypes.data == buffer  # the poisoned buffer
+    assert_array_equal(third, fresh)
+    del second, third
+    assert len(fast._POOL) == 2
+    fast.release_buffers()
+    assert fast._POOL == []
