@@ -320,6 +320,8 @@ _KERNEL_CALLS = {
     "separable, small volume": lambda x: fast.separable(x[:9, :10, :11], [fast.gaussian_weights(2.5)] * 3),
     "gradient": lambda x: fast.gradient(x, (1.0, 1.0, 1.0), "magnitude", (1.0, 2.0, 1.0)),
     "gradient along k": lambda x: fast.gradient(x, (1.0, 1.0, 1.0), 0, (1.0, 2.0, 1.0)),
+    "gradient along j": lambda x: fast.gradient(x, (1.0, 1.0, 1.0), 1, (1.0, 1.0, 1.0)),
+    "gradient along i": lambda x: fast.gradient(x, (1.0, 1.0, 1.0), 2, (1.0, 2.0, 1.0)),
     "sharpen": lambda x: fast.sharpen(x, 1.0),
     "correlate": lambda x: fast.correlate(x, np.arange(27, dtype=np.float32).reshape(3, 3, 3) - 13),
 }
@@ -468,8 +470,8 @@ def test_outputs_reuse_memory_let_go_and_only_that(call, rng, monkeypatch):
     """An output's buffer is reused once no array uses it; the next output is then written in full
     (the buffer is poisoned with NaN first) and equals one written into fresh memory, bit for bit."""
     monkeypatch.setattr(fast, "_POOL", [])
-    x = np.asfortranarray(rng.normal(size=(20, 24, 28)).astype(np.float32))
-    y = np.asfortranarray(rng.normal(size=(20, 24, 28)).astype(np.float32))
+    x = np.asfortranarray(rng.normal(size=(67, 128, 125)).astype(np.float32))  # over 2**20: threads, ring
+    y = np.asfortranarray(rng.normal(size=(67, 128, 125)).astype(np.float32))
     monkeypatch.setattr(fast, "POOL_MAX", 0)
     fresh = _OUTPUT_CALLS[call](y)
     monkeypatch.setattr(fast, "POOL_MAX", 2)
