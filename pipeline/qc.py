@@ -271,7 +271,7 @@ def display_ranges(in_data, out_data, kind) -> tuple[tuple[float, float], tuple[
     can hold it: the output's own range (1st to 99.5th percentile) at most SHARED_RANGE_MAX_WIDTH
     times as wide as the input's. A Gaussian, a box or an unsharp mask stays on the input's range.
     A Laplacian sharpen of a noisy image, an emboss, or a custom kernel that scales the data spreads
-    the output far past it (the example T1: a 1.0 sharpen, 2.9x; an emboss, 14x): on a shared range
+    the output far past it (the example T1: a 1.0 sharpen, 3.9x; an emboss, 14x): on a shared range
     most voxels would be drawn black or white, so the output gets its own. Edge maps always get their
     own (from 0), with their own colour map.
     """
