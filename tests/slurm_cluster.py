@@ -8,6 +8,7 @@ Debian's slurmctld, slurmd, slurm-client and munge packages (installed by .ci/ru
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -17,6 +18,9 @@ import time
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
 SYSTEM_CONF = "/etc/slurm/slurm.conf"
+# One test cluster per machine at a time: it takes SYSTEM_CONF and SLURM's fixed ports. A second
+# test suite (another clone, another virtual environment) waits here for the first one's to stop.
+LOCK = "/run/lock/volfilter-test-slurm.lock" if os.path.isdir("/run/lock") else "/tmp/volfilter-test-slurm.lock"
 
 
 def unavailable_reason() -> str | None:
@@ -71,8 +75,35 @@ PartitionName={partition} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
 
 @contextlib.contextmanager
-def local_cluster(folder, partition="debug", timeout=60):
-    """Start munged + slurmctld + slurmd; yield the environment for client commands; stop them."""
+def _machine_lock(wait_s):
+    """Hold LOCK (flock: released by the kernel even if this process is killed)."""
+    with open(LOCK, "a") as fh:
+        deadline = time.time() + wait_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"SLURM test cluster: another test suite held {LOCK} for {wait_s} s") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def local_cluster(folder, partition="debug", timeout=60, lock_wait_s=900):
+    """Start munged + slurmctld + slurmd; yield the environment for client commands; stop them.
+
+    Waits up to ``lock_wait_s`` for a cluster of another test suite on this machine to stop."""
+    with _machine_lock(lock_wait_s), _cluster(folder, partition, timeout) as env:
+        yield env
+
+
+@contextlib.contextmanager
+def _cluster(folder, partition, timeout):
     d = os.path.abspath(folder)
     for sub in ("state", "spool"):
         os.makedirs(os.path.join(d, sub), exist_ok=True)

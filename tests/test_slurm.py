@@ -6,10 +6,12 @@ Skipped, with the reason printed, when SLURM cannot be started here (not install
 import re
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
 import pytest
+import slurm_cluster
 import yaml
 from conftest import digest
 from slurm_cluster import local_cluster, unavailable_reason
@@ -65,3 +67,23 @@ def test_workflow_through_slurm_equals_local_run(cluster, tmp_path, rng):
     slurm_logs = list((remote / ".snakemake" / "slurm_logs").rglob("*.log"))
     assert len(slurm_logs) == 2
     assert all(any(jid in p.name or jid in p.read_text(errors="replace") for p in slurm_logs) for jid in job_ids)
+
+
+def test_a_second_test_suite_waits_for_the_first_ones_cluster(tmp_path, monkeypatch):
+    """Two suites at once on one machine (two clones) would both take /etc/slurm/slurm.conf and
+    SLURM's ports: the cluster is held under a machine-wide lock that the other one waits for."""
+    monkeypatch.setattr(slurm_cluster, "LOCK", str(tmp_path / "slurm.lock"))
+    holder = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); import slurm_cluster as s; s.LOCK = sys.argv[2]\n"
+        "with s._machine_lock(5):\n    print('held', flush=True); time.sleep(3)"
+    )
+    other = subprocess.Popen([sys.executable, "-c", holder, str(REPO / "tests"), slurm_cluster.LOCK],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert other.stdout.readline().strip() == "held"
+    held_at = time.monotonic()
+    with pytest.raises(RuntimeError, match="another test suite held"):
+        with slurm_cluster._machine_lock(0.5):
+            pass
+    with slurm_cluster._machine_lock(30):
+        assert time.monotonic() - held_at > 2.5  # ours only once the other process let go (after 3 s)
+    assert other.wait() == 0
