@@ -38,11 +38,12 @@ import nibabel as nib  # noqa: E402
 from reference import naive_fwhm  # noqa: E402
 
 from pipeline import io as vio  # noqa: E402
-from pipeline.backend import cpu_kernels, gpu_available  # noqa: E402
+from pipeline.backend import cpu_kernels as compiled_kernels  # noqa: E402
+from pipeline.backend import gpu_available  # noqa: E402
 from pipeline.filters import apply_filter  # noqa: E402
 
 ROWS = []
-fast_cpu_kernels = cpu_kernels()  # pipeline.native, or None where it was not built
+fast_cpu_kernels = compiled_kernels()  # pipeline.native, or None where it was not built
 
 
 def best_ms(fn, repeat=3):

@@ -188,9 +188,9 @@ class _Output:
     __slots__ = ("__array_interface__", "raw", "__weakref__")
 
 
-# Buffers of outputs nobody uses any more, for the next output of the same size. Only list.append
-# and list.pop touch it, each atomic under the GIL: arrays die, and give their buffer back, in any
-# thread (the 4-D path filters volumes on several) and whenever a collection runs.
+# Buffers of outputs nobody uses any more, for the next output of the same size. Only list.append,
+# list.pop and list.clear touch it, each atomic under the GIL: arrays die, and give their buffer
+# back, in any thread (the 4-D path filters volumes on several) and whenever a collection runs.
 _POOL: list = []
 POOL_MAX = 2  # 0: no reuse
 
@@ -202,11 +202,7 @@ def _give_back(raw) -> None:
 
 def release_buffers() -> None:
     """Free the output buffers kept for reuse (at most POOL_MAX volumes' worth)."""
-    while _POOL:
-        try:
-            _POOL.pop()
-        except IndexError:
-            break
+    _POOL.clear()  # one call, atomic under the GIL like append and pop
 
 
 def _buffer(size: int) -> np.ndarray:
