@@ -292,6 +292,14 @@ def _histogram(data, edges) -> np.ndarray:
     return np.histogram(data.ravel(order="K"), bins=edges)[0]
 
 
+def _count_label(count, _pos=None) -> str:
+    """A histogram count as a short label: 1, 10, 100, 1k, 10k, 2.5M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:g}{suffix}"
+    return f"{count:g}"
+
+
 def qc_figure(in_data, out_data, affine, voxel_mm, title: str, spec: dict, path, ranges=None) -> None:
     """Orthogonal RAS slices of input (top) and output (bottom), colour bars, and histograms.
 
@@ -341,6 +349,13 @@ def qc_figure(in_data, out_data, affine, voxel_mm, title: str, spec: dict, path,
     for data, color, label in ((in_data, "0.3", "input"), (out_data, "tab:orange", title)):
         counts = _histogram(data, edges)
         hax.hist(edges[:-1], bins=edges, weights=counts, histtype="step", color=color, label=label, log=True)
+    # Counts labelled 1, 10, ..., 1k, 1M as plain text, and no minor ticks: the default 10^k labels
+    # go through mathtext, and the minor ticks of seven decades are ~70 tick objects to lay out;
+    # the two took ~40% of drawing a figure (0.2 of 0.5 s, 256^3 on the 2-core VM).
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
+    hax.yaxis.set_major_formatter(FuncFormatter(_count_label))
+    hax.yaxis.set_minor_locator(NullLocator())
     hax.set_title("intensity histogram (log count)", fontsize=9, y=1.0)
     hax.set_xlabel("intensity")
     hax.legend(fontsize=8)

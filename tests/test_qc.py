@@ -154,6 +154,12 @@ def test_volume_qc_figures_are_nonblank_sized_and_deterministic(nib_data, tmp_pa
     assert len(qc.read_tsv(tmp_path / "g.tsv")) == 2
 
 
+def test_histogram_counts_are_labelled_as_plain_numbers():
+    assert [qc._count_label(v) for v in (0.5, 1, 10, 100, 1e3, 2.5e4, 1e6, 1.6e7, 2e9)] == [
+        "0.5", "1", "10", "100", "1k", "25k", "1M", "16M", "2G"
+    ]  # fmt: skip
+
+
 def test_filter_jobs_do_not_import_matplotlib(nib_data, tmp_path):
     code = (
         "import sys; from pipeline.cli import main; "
