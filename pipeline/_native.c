@@ -28,6 +28,15 @@
 #define CLONES
 #endif
 
+/* Loops without branches over values that may be NaN or infinite are compiled assuming that
+ * floating-point operations do not trap (which changes no value, only what may happen to the
+ * exception flags), so that they vectorise. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_TRAP __attribute__((optimize("no-trapping-math")))
+#else
+#define NO_TRAP
+#endif
+
 /* Volumes smaller than this many voxels (a 64x64x40 EPI volume has 164k) run on the calling thread:
  * splitting ~1 ms of work costs more than it saves, and a thread team that has to wait for a core
  * busy with gzip (ISA-L's writer threads run meanwhile) made a 200-volume series 1 s slower. */
@@ -129,8 +138,8 @@ static int status(int failed, int seen) { return failed ? -1 : seen ? 1 : 0; }
  * unaligned variant loads and stores anywhere. */
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
-static inline v8 ld8(const float *p) { return *(const v8u *)p; }
-static inline void st8(float *p, v8 v) { *(v8u *)p = v; }
+static inline __attribute__((always_inline)) v8 ld8(const float *p) { return *(const v8u *)p; }
+static inline __attribute__((always_inline)) void st8(float *p, v8 v) { *(v8u *)p = v; }
 
 /* out[e] = sum_t w[t] * src[t][e] for e0 <= e < e1: the one operation of every separable pass (the
  * rows pass gives src[t] = padded row + t, the other passes the rows t - r away, border-mapped). The
@@ -562,52 +571,227 @@ int vf_all_finite(const float *x, int64_t n) {
 /* Sums for Forman's smoothness estimate of one volume over its valid voxels (finite, and mask != 0
  * where mask is given): out[0] = their number, out[1] = the sum of their squared deviations from
  * their mean, out[2 + a] = the sum of squared first differences along view axis a (0 = k, 1 = j,
- * 2 = i) over pairs of valid neighbours, out[5 + a] = the number of those pairs. Accumulated in
- * double per plane and the planes added in order: the same result for any thread count. */
-static inline int valid_at(const float *x, const uint8_t *mask, int64_t p) {
-    return isfinite(x[p]) && (!mask || mask[p]);
+ * 2 = i) over pairs of valid neighbours, out[5 + a] = the number of those pairs.
+ * Accumulated in double: voxels i = 1 + 4q + l of a plane's rows (l = 0..3) in running sum l, the
+ * others (i = 0 and a row's last nx - 1 mod 4) in a fifth; the five are added in a fixed order at
+ * the end of each plane, and the planes in order. So the bits do not depend on the thread count
+ * or the CPU, and the loop vectorises without branches: four voxels at a time, invalid ones
+ * masked to +0 (bench/NOTES.md, fourteenth session). */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) v4d load4d(const float *p) {
+    v4f f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, v4d);
+}
+
+/* -1 where voxel i..i+3 of r is finite and its mask byte is not 0, else 0. */
+static inline __attribute__((always_inline)) v4l valid4(const float *r, const uint8_t *m, int64_t i) {
+    v4i u, mm = {m[i], m[i + 1], m[i + 2], m[i + 3]};
+    memcpy(&u, r + i, sizeof u);
+    return __builtin_convertvector(((u & 0x7f800000) != 0x7f800000) & (mm != 0), v4l);
+}
+
+static inline __attribute__((always_inline)) v4d keep(v4l ok, v4d v) { return (v4d)((v4l)v & ok); }
+
+static inline __attribute__((always_inline)) double sum4(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+
+static inline __attribute__((always_inline)) double pick(uint32_t ok, double v) { return ok ? v : 0.0; }
+
+/* The first pass over one plane: out[0] = the number of valid voxels, out[1] = their sum. */
+NO_TRAP CLONES static void count_plane(const float *x, const uint8_t *m, int64_t ny, int64_t nx, double *out) {
+    v4d n4 = {0, 0, 0, 0}, s4 = n4;
+    const v4d one = {1, 1, 1, 1};
+    double n1 = 0, s1 = 0;
+    for (int64_t j = 0; j < ny; j++) {
+        const float *r = x + j * nx;
+        const uint8_t *mr = m + j * nx;
+        int64_t i = 1;
+        for (; i + 4 <= nx; i += 4) {
+            const v4l ok = valid4(r, mr, i);
+            n4 += keep(ok, one);
+            s4 += keep(ok, load4d(r + i));
+        }
+        for (int64_t t = 0; t < nx; t = t == 0 ? i : t + 1) {  /* i = 0, then the row's tail */
+            const uint32_t ok = finite_bit(r, t) & (mr[t] != 0);
+            n1 += pick(ok, 1.0);
+            s1 += pick(ok, r[t]);
+        }
+    }
+    out[0] = sum4(n4) + n1;
+    out[1] = sum4(s4) + s1;
+}
+
+/* The second pass over one plane: the 8 sums of vf_fwhm_sums. xk, mk: the plane before (hk = 1),
+ * or any valid plane (hk = 0). */
+NO_TRAP CLONES static void fwhm_plane(const float *x, const uint8_t *m, const float *xk, const uint8_t *mk,
+                                      uint32_t hk, int64_t ny, int64_t nx, double mean, double *out) {
+    v4d a[8];
+    double b[8] = {0};
+    for (int q = 0; q < 8; q++) a[q] = (v4d){0, 0, 0, 0};
+    const v4d one = {1, 1, 1, 1}, mean4 = {mean, mean, mean, mean};
+    const v4l khas = {-(int64_t)hk, -(int64_t)hk, -(int64_t)hk, -(int64_t)hk};
+    for (int64_t j = 0; j < ny; j++) {
+        const float *r = x + j * nx, *rj = j > 0 ? r - nx : r, *rk = xk + j * nx;
+        const uint8_t *mr = m + j * nx, *mj = j > 0 ? mr - nx : mr, *mkr = mk + j * nx;
+        const int64_t hj = j > 0;
+        const v4l jhas = {-hj, -hj, -hj, -hj};
+        int64_t i = 1;
+        for (; i + 4 <= nx; i += 4) {
+            const v4l ok = valid4(r, mr, i);
+            const v4l okk = ok & khas & valid4(rk, mkr, i), okj = ok & jhas & valid4(rj, mj, i);
+            const v4l oki = ok & valid4(r, mr, i - 1);
+            const v4d v = load4d(r + i), dev = v - mean4;
+            const v4d dk = v - load4d(rk + i), dj = v - load4d(rj + i), di = v - load4d(r + i - 1);
+            a[0] += keep(ok, one);
+            a[1] += keep(ok, dev * dev);
+            a[2] += keep(okk, dk * dk);
+            a[3] += keep(okj, dj * dj);
+            a[4] += keep(oki, di * di);
+            a[5] += keep(okk, one);
+            a[6] += keep(okj, one);
+            a[7] += keep(oki, one);
+        }
+        for (int64_t t = 0; t < nx; t = t == 0 ? i : t + 1) {  /* i = 0, then the row's tail */
+            const uint32_t ok = finite_bit(r, t) & (mr[t] != 0);
+            const int64_t tb = t > 0 ? t - 1 : t;
+            const uint32_t okk = ok & hk & finite_bit(rk, t) & (mkr[t] != 0);
+            const uint32_t okj = ok & (uint32_t)hj & finite_bit(rj, t) & (mj[t] != 0);
+            const uint32_t oki = ok & (t > 0) & finite_bit(r, tb) & (mr[tb] != 0);
+            const double v = r[t], dev = v - mean, dk = v - (double)rk[t], dj = v - (double)rj[t], di = v - (double)r[tb];
+            b[0] += pick(ok, 1.0);
+            b[1] += pick(ok, dev * dev);
+            b[2] += pick(okk, dk * dk);
+            b[3] += pick(okj, dj * dj);
+            b[4] += pick(oki, di * di);
+            b[5] += pick(okk, 1.0);
+            b[6] += pick(okj, 1.0);
+            b[7] += pick(oki, 1.0);
+        }
+    }
+    for (int q = 0; q < 8; q++) out[q] = sum4(a[q]) + b[q];
 }
 
 int vf_fwhm_sums(const float *x, const uint8_t *mask, int64_t nz, int64_t ny, int64_t nx, double *out) {
-    int64_t plane = ny * nx;
+    const int64_t plane = ny * nx;
     double *part = calloc((size_t)(nz > 0 ? nz : 1) * 8, sizeof(double));
-    if (!part) return -1;
+    uint8_t *ones = mask ? NULL : malloc((size_t)(plane > 0 ? plane : 1));
+    if (!part || (!mask && !ones)) { free(part); free(ones); return -1; }
+    if (ones) memset(ones, 1, (size_t)plane);
+#define MASK_OF(k) (mask ? mask + (k) * plane : ones)
 #pragma omp parallel for schedule(dynamic, 2) if (nz * plane >= PARALLEL_MIN)
-    for (int64_t k = 0; k < nz; k++) {
-        double n = 0, s = 0;
-        for (int64_t p = k * plane; p < (k + 1) * plane; p++)
-            if (valid_at(x, mask, p)) { n += 1; s += x[p]; }
-        part[k * 8] = n;
-        part[k * 8 + 1] = s;
-    }
+    for (int64_t k = 0; k < nz; k++) count_plane(x + k * plane, MASK_OF(k), ny, nx, part + k * 8);
     double n = 0, s = 0;
     for (int64_t k = 0; k < nz; k++) { n += part[k * 8]; s += part[k * 8 + 1]; }
     const double mean = n > 0 ? s / n : 0.0;
 #pragma omp parallel for schedule(dynamic, 2) if (nz * plane >= PARALLEL_MIN)
-    for (int64_t k = 0; k < nz; k++) {
-        double ss = 0, d2[3] = {0, 0, 0}, pairs[3] = {0, 0, 0};
-        for (int64_t j = 0; j < ny; j++) {
-            for (int64_t i = 0; i < nx; i++) {
-                int64_t p = k * plane + j * nx + i;
-                if (!valid_at(x, mask, p)) continue;
-                double v = x[p], dev = v - mean;
-                ss += dev * dev;
-                const int64_t back[3] = {k > 0 ? p - plane : -1, j > 0 ? p - nx : -1, i > 0 ? p - 1 : -1};
-                for (int a = 0; a < 3; a++)
-                    if (back[a] >= 0 && valid_at(x, mask, back[a])) {
-                        double d = v - (double)x[back[a]];
-                        d2[a] += d * d;
-                        pairs[a] += 1;
-                    }
-            }
-        }
-        part[k * 8 + 1] = ss;
-        for (int a = 0; a < 3; a++) { part[k * 8 + 2 + a] = d2[a]; part[k * 8 + 5 + a] = pairs[a]; }
-    }
-    for (int m = 0; m < 8; m++) out[m] = 0;
+    for (int64_t k = 0; k < nz; k++)
+        fwhm_plane(x + k * plane, MASK_OF(k), x + (k > 0 ? k - 1 : k) * plane, MASK_OF(k > 0 ? k - 1 : k), k > 0,
+                   ny, nx, mean, part + k * 8);
+#undef MASK_OF
+    for (int q = 0; q < 8; q++) out[q] = 0;
     out[0] = n;
     for (int64_t k = 0; k < nz; k++)
-        for (int m = 1; m < 8; m++) out[m] += part[k * 8 + m];
+        for (int q = 1; q < 8; q++) out[q] += part[k * 8 + q];
+    free(part);
+    free(ones);
+    return 0;
+}
+
+/* Intensity statistics of n voxels for QC, over the finite ones: out[0] = their number, out[1] =
+ * the number of NaN voxels, out[2], out[3] = their min and max, out[4] = their mean, out[5] = the
+ * sum of their squared deviations from it (two passes: no cancellation for MRI's large means).
+ * Sums in double, in four running sums per block of BLOCK voxels (voxel i in sum i mod 4, a block's
+ * last n mod 4 in a fifth), the blocks added in order: the same bits for any thread count or CPU.
+ * In place of NumPy's six passes with temporaries (256^3: 80-90 ms; see bench/NOTES.md). */
+typedef float v4fu __attribute__((vector_size(16), aligned(4)));
+
+NO_TRAP CLONES static void stats_block(const float *x, int64_t n, int second, double mean, double *out) {
+    v4d cnt = {0, 0, 0, 0}, nan4 = cnt, sum = cnt;
+    const v4d one = {1, 1, 1, 1}, mean4 = {mean, mean, mean, mean};
+    v4f lo = {INFINITY, INFINITY, INFINITY, INFINITY}, hi = -lo;
+    double c1 = 0, nan1 = 0, s1 = 0;
+    float lo1 = INFINITY, hi1 = -INFINITY;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        v4i u;
+        memcpy(&u, x + i, sizeof u);
+        const v4f v = *(const v4fu *)(x + i);
+        const v4i fin = (u & 0x7f800000) != 0x7f800000;
+        const v4l fin64 = __builtin_convertvector(fin, v4l);
+        if (second) {
+            const v4d dev = load4d(x + i) - mean4;
+            sum += keep(fin64, dev * dev);
+            continue;
+        }
+        cnt += keep(fin64, one);
+        nan4 += keep(__builtin_convertvector((u & 0x7fffffff) > 0x7f800000, v4l), one);
+        sum += keep(fin64, load4d(x + i));
+        const v4i below = fin & (v < lo), above = fin & (v > hi);
+        lo = (v4f)(((v4i)v & below) | ((v4i)lo & ~below));
+        hi = (v4f)(((v4i)v & above) | ((v4i)hi & ~above));
+    }
+    for (; i < n; i++) {
+        const uint32_t ok = finite_bit(x, i);
+        const float v = x[i];
+        if (second) {
+            const double dev = (double)v - mean;
+            s1 += pick(ok, dev * dev);
+            continue;
+        }
+        c1 += pick(ok, 1.0);
+        nan1 += pick(isnan(v), 1.0);
+        s1 += pick(ok, v);
+        lo1 = ok && v < lo1 ? v : lo1;
+        hi1 = ok && v > hi1 ? v : hi1;
+    }
+    if (second) {
+        out[5] = sum4(sum) + s1;
+        return;
+    }
+    for (int l = 0; l < 4; l++) {
+        lo1 = lo[l] < lo1 ? lo[l] : lo1;
+        hi1 = hi[l] > hi1 ? hi[l] : hi1;
+    }
+    out[0] = sum4(cnt) + c1;
+    out[1] = sum4(nan4) + nan1;
+    out[2] = lo1;
+    out[3] = hi1;
+    out[4] = sum4(sum) + s1;
+}
+
+int vf_finite_stats(const float *x, int64_t n, double *out) {
+    const int64_t nb = n > 0 ? (n + BLOCK - 1) / BLOCK : 1;
+    double *part = calloc((size_t)nb * 6, sizeof(double));
+    if (!part) return -1;
+    for (int pass = 0; pass < 2; pass++) {
+        const double mean = pass ? (out[0] > 0 ? out[4] / out[0] : 0.0) : 0.0;
+#pragma omp parallel for schedule(dynamic, 16) if (n >= PARALLEL_MIN)
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t start = b * BLOCK, len = start + BLOCK < n ? BLOCK : n - start;
+            stats_block(x + start, len > 0 ? len : 0, pass, mean, part + b * 6);
+        }
+        if (pass == 0) {
+            out[0] = out[1] = out[4] = 0;
+            out[2] = INFINITY;
+            out[3] = -INFINITY;
+            for (int64_t b = 0; b < nb; b++) {
+                const double *q = part + b * 6;
+                out[0] += q[0];
+                out[1] += q[1];
+                out[4] += q[4];
+                out[2] = q[2] < out[2] ? q[2] : out[2];
+                out[3] = q[3] > out[3] ? q[3] : out[3];
+            }
+        } else {
+            out[4] = out[0] > 0 ? out[4] / out[0] : NAN;
+            out[5] = 0;
+            for (int64_t b = 0; b < nb; b++) out[5] += part[b * 6 + 5];
+        }
+    }
     free(part);
     return 0;
 }
@@ -648,15 +832,8 @@ int vf_histogram(const float *x, int64_t n, const double *edges, int64_t nbins, 
  * brain-shaped mask took 163 ms (Gaussian) and 267 ms (sharpen) against 49 and 18 ms without.
  * Blocks of BLOCK voxels are handed out dynamically; every voxel is computed alone, so the results
  * are those of the NumPy forms, bit for bit. Arrays are flat runs of n voxels in one memory order. */
-/* The per-block loops are written without branches and compiled assuming that floating-point
- * operations do not trap (which changes no value, only what may happen to the exception flags), so
- * that they vectorise: with branches a ring of the fill took 2.9 ns per voxel on a 64x64x40 EPI
- * volume in cache. */
-#if defined(__GNUC__) && !defined(__clang__)
-#define NO_TRAP __attribute__((optimize("no-trapping-math")))
-#else
-#define NO_TRAP
-#endif
+/* The per-block loops are written without branches and compiled NO_TRAP, so that they vectorise:
+ * with branches a ring of the fill took 2.9 ns per voxel on a 64x64x40 EPI volume in cache. */
 NO_TRAP CLONES static int64_t prepare_block(const float *x, const uint8_t *mask, float *w, float *filled, int64_t n) {
     int32_t c = 0;  /* n <= BLOCK */
     for (int64_t i = 0; i < n; i++) {

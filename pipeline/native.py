@@ -118,6 +118,8 @@ _lib.vf_all_finite.argtypes = [_F, _I]
 _lib.vf_all_finite.restype = ctypes.c_int
 _lib.vf_fwhm_sums.argtypes = [_F, ctypes.c_void_p, _I, _I, _I, ctypes.POINTER(ctypes.c_double)]
 _lib.vf_fwhm_sums.restype = ctypes.c_int
+_lib.vf_finite_stats.argtypes = [_F, _I, ctypes.POINTER(ctypes.c_double)]
+_lib.vf_finite_stats.restype = ctypes.c_int
 _lib.vf_histogram.argtypes = [_F, _I, ctypes.POINTER(ctypes.c_double), _I, ctypes.POINTER(ctypes.c_int64)]
 _lib.vf_histogram.restype = ctypes.c_int
 _U8 = ctypes.POINTER(ctypes.c_uint8)
@@ -326,6 +328,16 @@ def fwhm_sums(x, mask=None):
     if t:  # view axes run backwards
         d2, pairs = d2[::-1], pairs[::-1]
     return int(out[0]), float(out[1]), [float(d) for d in d2], [int(c) for c in pairs]
+
+
+def finite_stats(x) -> tuple[int, int, float, float, float, float]:
+    """Of a contiguous float32 array of any shape: ``(n, nan_count, min, max, mean, ss)``, where n
+    is the number of finite voxels, min, max and mean are theirs (mean NaN when n is 0) and ss is the
+    sum of their squared deviations from the mean. Sums in double, the same bits for any thread count."""
+    v = x.ravel(order="K")
+    out = np.zeros(6, np.float64)
+    _check(_lib.vf_finite_stats(_p(v), v.size, out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))))
+    return int(out[0]), int(out[1]), float(out[2]), float(out[3]), float(out[4]), float(out[5])
 
 
 def histogram(x, edges) -> np.ndarray:

@@ -132,22 +132,33 @@ def foreground_mask(data) -> np.ndarray:
     return finite & (first > thr)
 
 
-def _finite_stats(data) -> tuple[float, float, float, float]:
-    """min, max, mean, std (population) of the finite voxels; sums in float64, slab by slab."""
+def _finite_stats(data) -> tuple[float, float, float, float, int]:
+    """min, max, mean, std (population) of the finite voxels, and the number of NaN voxels.
+
+    One C pass for the counts, extremes and sum and one for the squared deviations
+    (:func:`pipeline.native.finite_stats`) for contiguous float32 data when the kernels are built,
+    else NumPy slab by slab; sums in float64 either way. 256^3, one thread: NumPy 80-100 ms, C ~20 ms.
+    """
+    fast = fast_cpu_flat(data)
+    if fast is not None:
+        n, nans, lo, hi, mean, ss = fast.finite_stats(data)
+        return (lo, hi, mean, math.sqrt(ss / n), nans) if n else (math.nan,) * 4 + (nans,)
     flat = data.ravel(order="K")  # a view when the array is contiguous in either order
-    n, lo, hi, total = 0, math.inf, -math.inf, 0.0
+    n, nans, lo, hi, total = 0, 0, math.inf, -math.inf, 0.0
     chunks = range(0, flat.size, SLAB_VOXELS)
     for c in chunks:
         part = flat[c : c + SLAB_VOXELS]
         fin = np.isfinite(part)
         k = int(np.count_nonzero(fin))
+        if k < part.size:
+            nans += int(np.count_nonzero(np.isnan(part)))
         if k == 0:
             continue
         vals = part if k == part.size else part[fin]
         n, lo, hi = n + k, min(lo, float(vals.min())), max(hi, float(vals.max()))
         total += float(np.sum(vals, dtype=np.float64))
     if n == 0:
-        return (math.nan,) * 4
+        return (math.nan,) * 4 + (nans,)
     mean = total / n
     ss = 0.0
     for c in chunks:
@@ -155,7 +166,7 @@ def _finite_stats(data) -> tuple[float, float, float, float]:
         fin = np.isfinite(part)
         dev = (part if fin.all() else part[fin]).astype(np.float64) - mean
         ss += float(np.dot(dev, dev))
-    return lo, hi, mean, math.sqrt(ss / n)
+    return lo, hi, mean, math.sqrt(ss / n), nans
 
 
 def metrics(data, voxel_mm, mask=None) -> dict:
@@ -168,7 +179,7 @@ def metrics(data, voxel_mm, mask=None) -> dict:
         "max": stats[1],
         "mean": stats[2],
         "std": stats[3],
-        "nan_count": int(np.count_nonzero(np.isnan(data))),
+        "nan_count": stats[4],
         "fwhm_x_mm": fx,
         "fwhm_y_mm": fy,
         "fwhm_z_mm": fz,

@@ -88,17 +88,41 @@ def test_volumes_taken_in_runs_of_2_mb_and_a_quarter_share_at_most(shape, worker
     assert filters._volume_run(shape, workers) == run
 
 
-def test_qc_smoothness_sums_identical_whatever_the_thread_count(rng):
-    x = np.asfortranarray(rng.normal(size=(72, 128, 120)).astype(np.float32))
+def test_qc_sums_identical_whatever_the_thread_count(rng):
+    x = np.asfortranarray(rng.normal(size=(72, 128, 121)).astype(np.float32))
     x[5:9, 10:20, 30:40] = np.nan
+    x[60, 3, 2] = -np.inf
     mask = np.ones(x.shape, bool)
     mask[:, :, :7] = False
     outs = []
     for n in (1, 2, 3):
         fast.set_threads(n)
-        outs.append(fast.fwhm_sums(x, mask))
+        outs.append((fast.fwhm_sums(x, mask), fast.fwhm_sums(x), fast.finite_stats(x)))
     fast.set_threads(None)
     assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 65536, 2 * 65536 + 3, 1100003])
+def test_finite_stats_equal_numpy(size, rng):
+    """Counts, extremes exactly; mean and squared deviations to float64 rounding. Sizes around the
+    four-voxel steps and the 65536-voxel blocks, and one past the size where threads split the work."""
+    x = rng.normal(900, 40, size).astype(np.float32)
+    if size > 3:
+        idx = rng.choice(size, max(3, size // 7), replace=False)
+        x[idx[0::3]], x[idx[1::3]], x[idx[2::3]] = np.nan, np.inf, -np.inf
+        x[-1] = np.nan  # in the tail after the last step of four
+    n, nans, lo, hi, mean, ss = fast.finite_stats(x)
+    fin = x[np.isfinite(x)].astype(np.float64)
+    assert (n, nans) == (fin.size, int(np.isnan(x).sum()))
+    assert (lo, hi) == (fin.min(), fin.max())
+    assert mean == pytest.approx(fin.mean(), rel=1e-12)
+    assert ss == pytest.approx(float(((fin - fin.mean()) ** 2).sum()), rel=1e-10, abs=1e-9)
+
+
+def test_finite_stats_of_nothing_finite():
+    x = np.array([np.nan, np.inf, -np.inf, np.nan, np.nan], np.float32)
+    n, nans, lo, hi, mean, ss = fast.finite_stats(x)
+    assert (n, nans, lo, hi, ss) == (0, 3, np.inf, -np.inf, 0.0) and np.isnan(mean)
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
@@ -190,6 +214,11 @@ out = {n: apply_filter(x, (1.0, 1.3, 2.0), n, **params.get(n, {})) for n in FILT
 big = np.asfortranarray(np.random.default_rng(8).normal(100, 30, (125, 128, 67)).astype(np.float32))  # > 2**20
 out["gaussian_large"] = apply_filter(big, (1.0, 1.0, 2.5), "gaussian", fwhm_mm=4.0)  # one sweep (short along k)
 out["box_large"] = apply_filter(big, (1.0, 1.0, 1.0), "box", size_vox=3)
+fast = cpu_kernels()  # the QC sums: 37 x 40 x 23 as C-ordered planes, rows of 23 (a tail after steps of 4)
+mask = np.ones(x.shape, bool)
+mask[:, :6, :] = False
+out["fwhm_sums"] = np.array([fast.fwhm_sums(x, m)[:2] + tuple(sum(fast.fwhm_sums(x, m)[2:], [])) for m in (None, mask)])
+out["finite_stats"] = np.array(fast.finite_stats(x) + fast.finite_stats(big))
 np.savez(sys.argv[1], **out)
 """
 

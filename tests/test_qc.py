@@ -44,6 +44,7 @@ def test_estimators_match_the_textbook_form(order, path, monkeypatch):
     monkeypatch.setattr(qc, "SLAB_VOXELS", 1000)  # 20 x 18 planes: slabs of 2 planes, pairs across slabs
     if path == "NumPy slabs":
         monkeypatch.setattr(qc, "fast_cpu", lambda x: None)
+        monkeypatch.setattr(qc, "fast_cpu_flat", lambda x: None)
     elif qc.fast_cpu(np.zeros((2, 2, 2), np.float32)) is None:
         pytest.skip("the C kernels are not built")
     rng = np.random.default_rng(11)
