@@ -61,8 +61,9 @@ def _fwhm_3d(x, voxel_mm, mask):
     """Forman's estimator over the valid voxels of one volume.
 
     The sums (``tests/reference.py`` writes them out with float64 copies and boolean indexing)
-    come from one C pass (:func:`pipeline.native.fwhm_sums`) for float32 volumes when the kernels
-    are built, else from NumPy slab by slab. 256³ on 2 cores: textbook 2.3 s, slabs 0.2 s, C 0.05–0.09 s.
+    come from two C passes (:func:`pipeline.native.fwhm_sums`) for float32 volumes when the kernels
+    are built, else from NumPy slab by slab. 256³ on 2 cores: textbook 2.3 s, slabs 0.2 s, C 0.03–0.04 s
+    (0.06–0.08 s on one thread, as in a QC job).
     """
     x = np.asarray(x)
     fast = fast_cpu(x)
