@@ -585,14 +585,17 @@ typedef int64_t v4l __attribute__((vector_size(32)));
 static inline __attribute__((always_inline)) v4d load4d(const float *p) {
     v4f f;
     memcpy(&f, p, sizeof f);
-    return __builtin_convertvector(f, v4d);
+    return (v4d){f[0], f[1], f[2], f[3]};
 }
+
+/* 32-bit lanes to 64-bit ones, -1 staying -1 (__builtin_convertvector needs GCC 9; RHEL 8 has 8). */
+static inline __attribute__((always_inline)) v4l widen(v4i m) { return (v4l){m[0], m[1], m[2], m[3]}; }
 
 /* -1 where voxel i..i+3 of r is finite and its mask byte is not 0, else 0. */
 static inline __attribute__((always_inline)) v4l valid4(const float *r, const uint8_t *m, int64_t i) {
     v4i u, mm = {m[i], m[i + 1], m[i + 2], m[i + 3]};
     memcpy(&u, r + i, sizeof u);
-    return __builtin_convertvector(((u & 0x7f800000) != 0x7f800000) & (mm != 0), v4l);
+    return widen(((u & 0x7f800000) != 0x7f800000) & (mm != 0));
 }
 
 static inline __attribute__((always_inline)) v4d keep(v4l ok, v4d v) { return (v4d)((v4l)v & ok); }
@@ -721,14 +724,14 @@ NO_TRAP CLONES static void stats_block(const float *x, int64_t n, int second, do
         memcpy(&u, x + i, sizeof u);
         const v4f v = *(const v4fu *)(x + i);
         const v4i fin = (u & 0x7f800000) != 0x7f800000;
-        const v4l fin64 = __builtin_convertvector(fin, v4l);
+        const v4l fin64 = widen(fin);
         if (second) {
             const v4d dev = load4d(x + i) - mean4;
             sum += keep(fin64, dev * dev);
             continue;
         }
         cnt += keep(fin64, one);
-        nan4 += keep(__builtin_convertvector((u & 0x7fffffff) > 0x7f800000, v4l), one);
+        nan4 += keep(widen((u & 0x7fffffff) > 0x7f800000), one);
         sum += keep(fin64, load4d(x + i));
         const v4i below = fin & (v < lo), above = fin & (v > hi);
         lo = (v4f)(((v4i)v & below) | ((v4i)lo & ~below));
