@@ -138,8 +138,8 @@ static int status(int failed, int seen) { return failed ? -1 : seen ? 1 : 0; }
  * unaligned variant loads and stores anywhere. */
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
-static inline __attribute__((always_inline)) v8 ld8(const float *p) { return *(const v8u *)p; }
-static inline __attribute__((always_inline)) void st8(float *p, v8 v) { *(v8u *)p = v; }
+static inline v8 ld8(const float *p) { return *(const v8u *)p; }
+static inline void st8(float *p, v8 v) { *(v8u *)p = v; }
 
 /* out[e] = sum_t w[t] * src[t][e] for e0 <= e < e1: the one operation of every separable pass (the
  * rows pass gives src[t] = padded row + t, the other passes the rows t - r away, border-mapped). The
@@ -582,27 +582,29 @@ typedef int32_t v4i __attribute__((vector_size(16)));
 typedef double v4d __attribute__((vector_size(32)));
 typedef int64_t v4l __attribute__((vector_size(32)));
 
-static inline __attribute__((always_inline)) v4d load4d(const float *p) {
+/* The helpers below carry their callers' NO_TRAP: GCC does not inline across different optimize
+ * attributes, and out of line they would pass 32-byte vectors between clones of two ABIs. */
+NO_TRAP static inline v4d load4d(const float *p) {
     v4f f;
     memcpy(&f, p, sizeof f);
     return (v4d){f[0], f[1], f[2], f[3]};
 }
 
 /* 32-bit lanes to 64-bit ones, -1 staying -1 (__builtin_convertvector needs GCC 9; RHEL 8 has 8). */
-static inline __attribute__((always_inline)) v4l widen(v4i m) { return (v4l){m[0], m[1], m[2], m[3]}; }
+NO_TRAP static inline v4l widen(v4i m) { return (v4l){m[0], m[1], m[2], m[3]}; }
 
 /* -1 where voxel i..i+3 of r is finite and its mask byte is not 0, else 0. */
-static inline __attribute__((always_inline)) v4l valid4(const float *r, const uint8_t *m, int64_t i) {
+NO_TRAP static inline v4l valid4(const float *r, const uint8_t *m, int64_t i) {
     v4i u, mm = {m[i], m[i + 1], m[i + 2], m[i + 3]};
     memcpy(&u, r + i, sizeof u);
     return widen(((u & 0x7f800000) != 0x7f800000) & (mm != 0));
 }
 
-static inline __attribute__((always_inline)) v4d keep(v4l ok, v4d v) { return (v4d)((v4l)v & ok); }
+NO_TRAP static inline v4d keep(v4l ok, v4d v) { return (v4d)((v4l)v & ok); }
 
-static inline __attribute__((always_inline)) double sum4(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+NO_TRAP static inline double sum4(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
-static inline __attribute__((always_inline)) double pick(uint32_t ok, double v) { return ok ? v : 0.0; }
+NO_TRAP static inline double pick(uint32_t ok, double v) { return ok ? v : 0.0; }
 
 /* The first pass over one plane: out[0] = the number of valid voxels, out[1] = their sum. */
 NO_TRAP CLONES static void count_plane(const float *x, const uint8_t *m, int64_t ny, int64_t nx, double *out) {
