@@ -199,8 +199,10 @@ def test_qc_job_fits_its_memory_request(tmp_path, rng):
     assert request - wf.PYTHON_BASELINE_MB >= 3 * series_mb(src)
 
 
-def test_volume_qc_holds_one_derived_volume_at_a_time(nib_data, tmp_path, monkeypatch):
-    """When a derived volume is read, the one before it is gone (figures leave reference cycles)."""
+@pytest.mark.parametrize("held_in_a_cycle", [False, True])
+def test_volume_qc_holds_one_derived_volume_at_a_time(held_in_a_cycle, nib_data, tmp_path, monkeypatch):
+    """When a derived volume is read, the one before it is gone, also when the figure left it in a
+    reference cycle (as a stored traceback's frames do) that only the cyclic collector frees."""
     import weakref
 
     from pipeline import io
@@ -221,6 +223,15 @@ def test_volume_qc_holds_one_derived_volume_at_a_time(nib_data, tmp_path, monkey
         return vol
 
     monkeypatch.setattr(io, "load", load)
+    if held_in_a_cycle:
+        real_figure = qc.qc_figure
+
+        def figure_leaving_a_cycle(in_data, out_data, *args):
+            cycle = [out_data]
+            cycle.append(cycle)
+            real_figure(in_data, out_data, *args)
+
+        monkeypatch.setattr(qc, "qc_figure", figure_leaving_a_cycle)
     pngs = {n: str(tmp_path / f"{n}.png") for n in specs}
     qc.volume_qc(src, derived, pngs, str(tmp_path / "m.tsv"), "x")
     assert alive_at_load == [0, 0, 0, 0]
