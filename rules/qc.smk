@@ -38,7 +38,12 @@ rule qc_group:
     input:
         expand(os.path.join(OUT, "qc", "{key}_qc.tsv"), key=sorted(BY_KEY)),
     output:
-        table=os.path.join(OUT, "qc", "group_metrics.tsv"),
+        table=report(
+            os.path.join(OUT, "qc", "group_metrics.tsv"),
+            caption="../report/qc_table.rst",
+            category="Study",
+            subcategory="Metrics",
+        ),
         figure=report(
             os.path.join(OUT, "qc", "group_smoothness.png"),
             caption="../report/qc_group.rst",

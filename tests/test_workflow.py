@@ -291,6 +291,7 @@ def test_qc_outputs_and_report(tmp_path, rng):
     snakemake(tmp_path, config, "--report", str(tmp_path / "report.html"))
     html = (tmp_path / "report.html").read_text()
     assert "group_smoothness.png" in html and "sub-02_desc-edges_T1w_qc.png" in html
+    assert "group_metrics.tsv" in html  # the study table too
 
 
 def test_volumes_json_too_long_for_one_command_line_is_a_config_error():
