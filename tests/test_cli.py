@@ -43,6 +43,41 @@ def test_apply_writes_volume_and_sidecar(nib_data, tmp_path, capsys):
     assert meta["Backend"] == "cpu" and "nibabel" in meta["SoftwareVersions"]
 
 
+_SOURCE_AND_KERNELS = (
+    "from pipeline import provenance as p; v = p.versions('cpu'); print(v['volfilter_source_sha256'], v['cpu_kernels'])"
+)
+
+
+def test_sidecar_names_the_exact_code_and_the_cpu_implementation(nib_data, tmp_path):
+    """The source fingerprint is the same in another process, and changes with any edit of the code;
+    the sidecar says whether the compiled kernels or scipy.ndimage ran (VOLFILTER_NO_NATIVE)."""
+    import shutil
+
+    from pipeline.backend import cpu_kernels
+
+    def run(pkg_parent, **env):
+        env = {**os.environ, "PYTHONPATH": str(pkg_parent), **env}
+        return subprocess.run([sys.executable, "-c", _SOURCE_AND_KERNELS], env=env, check=True,
+                              capture_output=True, text=True, cwd=tmp_path).stdout.split(maxsplit=1)  # fmt: skip
+
+    here = pathlib.Path(__file__).resolve().parents[1]
+    original, kernels = run(here)
+    assert kernels.strip() == ("scipy.ndimage" if cpu_kernels() is None else "compiled (pipeline/_native.c)")
+    assert run(here, VOLFILTER_NO_NATIVE="1") == [original, "scipy.ndimage\n"]
+    copy = tmp_path / "copy"
+    shutil.copytree(here / "pipeline", copy / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    assert run(copy, VOLFILTER_NO_NATIVE="1")[0] == original  # the same code elsewhere
+    with open(copy / "pipeline" / "filters.py", "a") as fh:
+        fh.write("# an edit\n")
+    assert run(copy, VOLFILTER_NO_NATIVE="1")[0] != original
+
+    out = tmp_path / "e.nii.gz"
+    subprocess.run([sys.executable, "-m", "pipeline", "apply", nib_data("anatomical.nii"), str(out), "--filter", "sobel"],
+                   env={**os.environ, "VOLFILTER_NO_NATIVE": "1"}, check=True, capture_output=True)  # fmt: skip
+    meta = json.loads((tmp_path / "e.json").read_text())["SoftwareVersions"]
+    assert (meta["volfilter_source_sha256"], meta["cpu_kernels"]) == (original, "scipy.ndimage")
+
+
 def test_batch_applies_several_filters_on_one_load(nib_data, tmp_path, capsys):
     spec = {"s6": {"kind": "gaussian", "fwhm_mm": 6}, "edges": {"kind": "sobel"}}
     rc, _, err = run_cli(capsys, "batch", nib_data("example4d.nii.gz"), "--filters-json", json.dumps(spec),
