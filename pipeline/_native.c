@@ -711,7 +711,7 @@ int vf_fwhm_sums(const float *x, const uint8_t *mask, int64_t nz, int64_t ny, in
  * sum of their squared deviations from it (two passes: no cancellation for MRI's large means).
  * Sums in double, in four running sums per block of BLOCK voxels (voxel i in sum i mod 4, a block's
  * last n mod 4 in a fifth), the blocks added in order: the same bits for any thread count or CPU.
- * In place of NumPy slab by slab (pipeline/qc.py), which took 80-90 ms for 256^3 against 14-21 ms. */
+ * In place of NumPy slab by slab (pipeline/qc.py): 256^3 80-90 ms there, 22 ms here on one thread, 12 ms on two. */
 typedef float v4fu __attribute__((vector_size(16), aligned(4)));
 
 NO_TRAP CLONES static void stats_block(const float *x, int64_t n, int second, double mean, double *out) {

