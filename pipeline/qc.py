@@ -371,7 +371,8 @@ def qc_figure(in_data, out_data, affine, voxel_mm, title: str, spec: dict, path,
     hax.set_title("intensity histogram (log count)", fontsize=9, y=1.0)
     hax.set_xlabel("intensity")
     hax.legend(fontsize=8)
-    fig.suptitle(f"{title}: {describe(spec)}", fontsize=11)
+    series = "" if in_data.ndim == 3 else f" (slices of volume 1 of {in_data.shape[3]}, histogram of all)"
+    fig.suptitle(f"{title}: {describe(spec)}{series}", fontsize=11)
     _save_png(fig, path)
 
 

@@ -155,6 +155,15 @@ def test_volume_qc_figures_are_nonblank_sized_and_deterministic(nib_data, tmp_pa
     assert len(qc.read_tsv(tmp_path / "g.tsv")) == 2
 
 
+def test_a_series_figure_says_which_volume_its_slices_show(monkeypatch, rng):
+    drawn = []
+    monkeypatch.setattr(qc, "_save_png", lambda fig, path: drawn.append(fig._suptitle.get_text()))
+    series = rng.normal(100, 5, (12, 10, 8, 7)).astype(np.float32)
+    for data in (series, series[..., 0]):
+        qc.qc_figure(data, data, np.eye(4), (1.0, 1.0, 1.0), "g", {"kind": "gaussian", "fwhm_mm": 4}, "unused.png")
+    assert drawn == ["g: gaussian fwhm_mm=4 (slices of volume 1 of 7, histogram of all)", "g: gaussian fwhm_mm=4"]
+
+
 def test_histogram_counts_are_labelled_as_plain_numbers():
     assert [qc._count_label(v) for v in (0.5, 1, 10, 100, 1e3, 2.5e4, 1e6, 1.6e7, 2e9)] == [
         "0.5", "1", "10", "100", "1k", "25k", "1M", "16M", "2G"
