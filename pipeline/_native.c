@@ -600,6 +600,9 @@ NO_TRAP static inline v4l valid4(const float *r, const uint8_t *m, int64_t i) {
     return widen(((u & 0x7f800000) != 0x7f800000) & (mm != 0));
 }
 
+/* 1 where voxel i of r is finite and its mask byte is not 0, else 0: valid4 for one voxel. */
+NO_TRAP static inline uint32_t valid1(const float *r, const uint8_t *m, int64_t i) { return finite_bit(r, i) & (m[i] != 0); }
+
 NO_TRAP static inline v4d keep(v4l ok, v4d v) { return (v4d)((v4l)v & ok); }
 
 NO_TRAP static inline double sum4(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
@@ -621,7 +624,7 @@ NO_TRAP CLONES static void count_plane(const float *x, const uint8_t *m, int64_t
             s4 += keep(ok, load4d(r + i));
         }
         for (int64_t t = 0; t < nx; t = t == 0 ? i : t + 1) {  /* i = 0, then the row's tail */
-            const uint32_t ok = finite_bit(r, t) & (mr[t] != 0);
+            const uint32_t ok = valid1(r, mr, t);
             n1 += pick(ok, 1.0);
             s1 += pick(ok, r[t]);
         }
@@ -661,11 +664,11 @@ NO_TRAP CLONES static void fwhm_plane(const float *x, const uint8_t *m, const fl
             a[7] += keep(oki, one);
         }
         for (int64_t t = 0; t < nx; t = t == 0 ? i : t + 1) {  /* i = 0, then the row's tail */
-            const uint32_t ok = finite_bit(r, t) & (mr[t] != 0);
+            const uint32_t ok = valid1(r, mr, t);
             const int64_t tb = t > 0 ? t - 1 : t;
-            const uint32_t okk = ok & hk & finite_bit(rk, t) & (mkr[t] != 0);
-            const uint32_t okj = ok & (uint32_t)hj & finite_bit(rj, t) & (mj[t] != 0);
-            const uint32_t oki = ok & (t > 0) & finite_bit(r, tb) & (mr[tb] != 0);
+            const uint32_t okk = ok & hk & valid1(rk, mkr, t);
+            const uint32_t okj = ok & (uint32_t)hj & valid1(rj, mj, t);
+            const uint32_t oki = ok & (t > 0) & valid1(r, mr, tb);
             const double v = r[t], dev = v - mean, dk = v - (double)rk[t], dj = v - (double)rj[t], di = v - (double)r[tb];
             b[0] += pick(ok, 1.0);
             b[1] += pick(ok, dev * dev);
