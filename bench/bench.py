@@ -448,6 +448,21 @@ def gpu_cases(x, tmp, n_batch=2):
 CPU_SECTIONS = ("cpu_kernels", "real_kernels", "gzip_io", "qc_cases", "end_to_end")
 
 
+def cpu_description() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), with its family/model numbers and whether it has
+    AVX2 and AVX-512: one VM kind has come on more than one CPU, and the baselines differ by CPU."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or "unknown"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    simd = ", ".join(name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f")) if flag in flags) or "no AVX2"
+    return f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; {simd})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256)
@@ -466,6 +481,7 @@ def main():
         ap.error(f"--only: unknown section(s) {', '.join(sorted(only - set(CPU_SECTIONS)))}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"numpy {np.__version__}, scipy {__import__('scipy').__version__}, nibabel {nib.__version__}, gzip {vio.GZIP_BACKEND}")  # fmt: skip
+    print(f"# cpu: {cpu_description()}")
     rng = np.random.default_rng(0)
     n = args.size
     # A smooth phantom plus noise: compresses like MRI, not like white noise.
