@@ -30,6 +30,49 @@ def why_gzip_differs(a: bytes, b: bytes) -> str:
     return f"{len(a)} and {len(b)} bytes, first different byte {first_difference(a, b)}; decompressed they hold {held}"
 
 
+def _why_nifti_differs(a: bytes, b: bytes) -> str:
+    """Which header fields of two NIfTI images differ, and by how much their voxels do."""
+    ia, ib = nib.Nifti1Image.from_bytes(a), nib.Nifti1Image.from_bytes(b)
+
+    def same(k):
+        try:
+            return np.array_equal(ia.header[k], ib.header[k], equal_nan=True)  # unset scl_slope is NaN
+        except TypeError:  # text fields
+            return np.array_equal(ia.header[k], ib.header[k])
+
+    fields = [k for k in ia.header.keys() if not same(k)]
+    if ia.shape != ib.shape:
+        return f"header fields {fields}; shapes {ia.shape} and {ib.shape}"
+    xa, xb = np.asanyarray(ia.dataobj, np.float64), np.asanyarray(ib.dataobj, np.float64)
+    differ = ~((xa == xb) | (np.isnan(xa) & np.isnan(xb)))
+    worst = float(np.nanmax(np.abs(xa - xb)[differ])) if differ.any() else 0.0
+    return f"header fields that differ: {fields or 'none'}; {int(differ.sum())} voxels differ, by up to {worst:g}"
+
+
+def why_files_differ(a, b) -> str:
+    """For a failed byte-identity check of two output files (paths): their names, and what differs:
+    for gzip, whether the data held differ too (:func:`why_gzip_differs`); for JSON, the keys whose
+    values differ. The message is what is left to go on when a rare failure does not come back."""
+    a, b = pathlib.Path(a), pathlib.Path(b)
+    ba, bb = a.read_bytes(), b.read_bytes()
+    if ba == bb:
+        return f"{a} and {b} are identical"
+    if ba[:2] == bb[:2] == b"\x1f\x8b":
+        what = why_gzip_differs(ba, bb)
+        da, db = gzip.decompress(ba), gzip.decompress(bb)
+        if a.name.endswith(".nii.gz") and da != db:
+            what += "; " + _why_nifti_differs(da, db)
+    elif a.suffix == ".json":
+        import json
+
+        ja, jb = json.loads(ba), json.loads(bb)
+        keys = sorted(k for k in ja.keys() | jb.keys() if ja.get(k) != jb.get(k))
+        what = "; ".join(f"{k}: {ja.get(k)!r} != {jb.get(k)!r}" for k in keys) or "same values, other bytes"
+    else:
+        what = f"{len(ba)} and {len(bb)} bytes, first different byte {first_difference(ba, bb)}"
+    return f"{a} != {b}: {what}"
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
