@@ -160,6 +160,10 @@ static inline void fence(void) { _mm_sfence(); }
 static inline void st8_stream(float *p, v8 v) { st8(p, v); }
 static inline void fence(void) {}
 #endif
+static inline void put8(float *p, v8 v, int stream) {
+    if (stream) st8_stream(p, v);
+    else st8(p, v);
+}
 
 /* out[e] = sum_t w[t] * src[t][e] for e0 <= e < e1: the one operation of every separable pass (the
  * rows pass gives src[t] = padded row + t, the other passes the rows t - r away, border-mapped). The
@@ -272,8 +276,7 @@ CLONES static void sym_cols(float *out, int64_t ostride, const float *const *row
                 la = na; lb = nb; ra = ma; rb = mb;
             }
             float *o = out + j * ostride + e;
-            if (stream) { st8_stream(o, s0a); st8_stream(o + 8, s0b); st8_stream(o + ostride, s1a); st8_stream(o + ostride + 8, s1b); }
-            else { st8(o, s0a); st8(o + 8, s0b); st8(o + ostride, s1a); st8(o + ostride + 8, s1b); }
+            put8(o, s0a, stream); put8(o + 8, s0b, stream); put8(o + ostride, s1a, stream); put8(o + ostride + 8, s1b, stream);
         }
         if (j < n) wsum(out + j * ostride, rows + j, w, 2 * r + 1, 1, e, e + 16);
     }
@@ -425,6 +428,7 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
     if (cw < 32) cw = 32;
     if (cw > plane) cw = plane;
     int64_t n_chunks = (plane + cw - 1) / cw;
+    const int stream = nz * plane >= STREAM_MIN;  /* the first sweep's output, past the caches */
     int64_t bs = buffer_stride(nx), cs = buffer_stride(cw), zlen = bs > cs ? bs : cs;
 #pragma omp parallel if (nz * ny * nx >= PARALLEL_MIN)
     {
@@ -441,8 +445,8 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
             for (int64_t k = 0; k < nz; k++) {
                 if (stop(&seen)) continue;
                 pass_rows(buf, bs, x + k * plane, ny, nx, wi, Ti, si, edge, pad, src, &seen);
-                pass_cols(out + k * plane, nx, jrows, ny, nx, wj, Tj, sj, nz * plane >= STREAM_MIN);
-                fence();  /* the streamed planes are read by any thread after the barrier */
+                pass_cols(out + k * plane, nx, jrows, ny, nx, wj, Tj, sj, stream);
+                if (stream) fence();  /* the streamed planes are read by any thread after the barrier */
             }
 #pragma omp for schedule(dynamic, 2)
             for (int64_t c = 0; c < n_chunks; c++) {
