@@ -59,9 +59,10 @@ def why_files_differ(a, b) -> str:
         return f"{a} and {b} are identical"
     if ba[:2] == bb[:2] == b"\x1f\x8b":
         what = why_gzip_differs(ba, bb)
-        da, db = gzip.decompress(ba), gzip.decompress(bb)
-        if a.name.endswith(".nii.gz") and da != db:
-            what += "; " + _why_nifti_differs(da, db)
+        if a.name.endswith(".nii.gz"):
+            da, db = gzip.decompress(ba), gzip.decompress(bb)
+            if da != db:
+                what += "; " + _why_nifti_differs(da, db)
     elif a.suffix == ".json":
         import json
 
@@ -71,6 +72,11 @@ def why_files_differ(a, b) -> str:
     else:
         what = f"{len(ba)} and {len(bb)} bytes, first different byte {first_difference(ba, bb)}"
     return f"{a} != {b}: {what}"
+
+
+def assert_same_bytes(a, b) -> None:
+    """Files ``a`` and ``b`` hold the same bytes; if not, the failure says what differs."""
+    assert pathlib.Path(a).read_bytes() == pathlib.Path(b).read_bytes(), why_files_differ(a, b)
 
 
 @pytest.fixture

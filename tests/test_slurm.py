@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import slurm_cluster
 import yaml
-from conftest import digest, why_files_differ
+from conftest import assert_same_bytes
 from slurm_cluster import local_cluster, unavailable_reason
 from test_workflow import REPO, snakemake
 
@@ -59,9 +59,7 @@ def test_workflow_through_slurm_equals_local_run(cluster, tmp_path, rng):
     outs = sorted(p.relative_to(local / "out") for p in (local / "out").rglob("*") if p.suffix in (".gz", ".json"))
     assert len(outs) == 3 * 2 * len(FILTERS) + 1
     for rel in outs:
-        assert digest(remote / "out" / rel) == digest(local / "out" / rel), why_files_differ(
-            remote / "out" / rel, local / "out" / rel
-        )
+        assert_same_bytes(remote / "out" / rel, local / "out" / rel)
 
     # The filter jobs really went through SLURM, grouped: 3 volumes -> 2 cluster jobs (2 + 1).
     job_ids = set(re.findall(r"SLURM jobid (\d+)", log)) | set(re.findall(r"external jobid '?(\d+)", log))

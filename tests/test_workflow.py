@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from conftest import why_files_differ
+from conftest import assert_same_bytes
 from numpy.testing import assert_allclose
 
 from pipeline import filter_image
@@ -150,9 +150,7 @@ def test_groups_of_volumes_per_job_give_the_same_bytes(bids_run):
     made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_desc-*") if "logs" not in p.parts)
     assert len(made) == 2 * 3 * len(FILTERS)
     for rel in made:
-        assert (tmp_path / "grouped" / rel).read_bytes() == (out / rel).read_bytes(), why_files_differ(
-            tmp_path / "grouped" / rel, out / rel
-        )
+        assert_same_bytes(tmp_path / "grouped" / rel, out / rel)
     dry = snakemake(tmp_path, grouped, "-n")
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
