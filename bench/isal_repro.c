@@ -13,7 +13,7 @@
  *
  * LIBPYTHON: the libpython3.x.so the extension needs (its Python symbols); ISAL_ZLIB_SO: isal's
  * isal_zlib*.so, which exports the bundled isal_* functions; "-" for both uses the linked libisal
- * instead (then link with -lisal). */
+ * instead (then build with -DLINKED_ISAL ... -lisal). */
 #include <dlfcn.h>
 #include <isa-l/igzip_lib.h>
 #include <stdio.h>

@@ -437,6 +437,8 @@ static int separable_ring(const float *x, float *out, int64_t nz, int64_t ny, in
  * 32x256x256, 0.96 at 16x256x256; into new memory 1.0, where zeroing the new pages costs the time. */
 #define KCHUNK_FLOATS 32768 /* floats of a k-pass chunk buffer, all planes together */
 #define KCHUNK_GROUP 16
+/* Columns of the k-pass chunk that starts at column c0 of a plane: cw, or what is left of it. */
+static inline int64_t chunk_columns(int64_t c0, int64_t cw, int64_t plane) { return plane - c0 < cw ? plane - c0 : cw; }
 int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
                  const float *wk, int64_t Tk, const float *wj, int64_t Tj, const float *wi, int64_t Ti, int mode) {
     if (nz <= 0 || ny <= 0 || nx <= 0) return 0;  /* nothing to filter (map_index needs n >= 1) */
@@ -474,12 +476,12 @@ int vf_separable(const float *x, float *out, int64_t nz, int64_t ny, int64_t nx,
             for (int64_t g = 0; g < n_groups; g++) {
                 int64_t c1 = (g + 1) * KCHUNK_GROUP < n_chunks ? (g + 1) * KCHUNK_GROUP : n_chunks;
                 for (int64_t c = g * KCHUNK_GROUP; c < c1 && !stop(&seen); c++) {
-                    int64_t c0 = c * cw, n = plane - c0 < cw ? plane - c0 : cw;
+                    int64_t c0 = c * cw, n = chunk_columns(c0, cw, plane);
                     for (int64_t k = 0; k < nz; k++) memcpy(col + k * cs, out + k * plane + c0, (size_t)n * sizeof(float));
                     struct ahead next = {NULL, plane, nz, 0}, *ask = NULL;
                     if (c + 1 < c1) {  /* the next chunk of this thread's group */
                         next.base = out + c0 + cw;
-                        next.width = plane - c0 - cw < cw ? plane - c0 - cw : cw;
+                        next.width = chunk_columns(c0 + cw, cw, plane);
                         ask = &next;
                     }
                     pass_cols(out + c0, plane, krows, nz, n, wk, Tk, sk, 0, ask);

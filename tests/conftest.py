@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+import json
 import os
 import pathlib
 
@@ -64,8 +65,6 @@ def why_files_differ(a, b) -> str:
             if da != db:
                 what += "; " + _why_nifti_differs(da, db)
     elif a.suffix == ".json":
-        import json
-
         ja, jb = json.loads(ba), json.loads(bb)
         keys = sorted(k for k in ja.keys() | jb.keys() if ja.get(k) != jb.get(k))
         what = "; ".join(f"{k}: {ja.get(k)!r} != {jb.get(k)!r}" for k in keys) or "same values, other bytes"
