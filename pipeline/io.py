@@ -214,12 +214,25 @@ def _check_header(img, path: str, file_size: int, is_gz: bool, gz_isize: int | N
             f"the file holds {file_size}"
         )
     if is_gz and gz_isize is not None and offset + n_bytes < 2**32 and gz_isize < offset + n_bytes:
-        # ISIZE is the uncompressed size mod 2**32 of a complete gzip member.
-        raise VolfilterError(
-            f"{path}: truncated or header claims too much data: it declares {offset + n_bytes} "
-            f"uncompressed bytes, the gzip stream records {gz_isize}"
-        )
+        # The trailer's ISIZE is the length mod 2**32 of the last gzip member only. A file of several
+        # members (bgzip's, or .gz files joined end to end) is decompressed to count before refusing.
+        held = _gzip_length(path)
+        if held < offset + n_bytes:
+            raise VolfilterError(
+                f"{path}: truncated or header claims too much data: it declares {offset + n_bytes} "
+                f"uncompressed bytes, the gzip stream holds {held}"
+            )
     return shape
+
+
+def _gzip_length(path: str) -> int:
+    """The uncompressed length of all the members of a gzip file, by decompressing it (each
+    member's CRC-32 checked); a truncated or damaged stream raises as it would on reading."""
+    n = 0
+    with _gzip_impl.open(path, "rb") as fh:
+        while chunk := fh.read(READ_STEP):
+            n += len(chunk)
+    return n
 
 
 def read_header(path) -> nib.Nifti1Image:

@@ -393,6 +393,36 @@ def test_truncated_gz_refused(nib_data, tmp_path):
         vio.load(path)
 
 
+def _as_members(data: bytes, cuts) -> bytes:
+    """``data`` as a gzip file of several members, cut at ``cuts`` (what bgzip, or .gz files joined
+    end to end, give); its trailer's ISIZE is then the last member's length only."""
+    edges = [0, *cuts, len(data)]
+    return b"".join(gzip.compress(data[a:b], mtime=0) for a, b in zip(edges, edges[1:], strict=False))
+
+
+def test_gzip_of_several_members_is_read_whole(nib_data, tmp_path):
+    src = nib_data("example4d.nii.gz")
+    data = gzip.decompress(pathlib.Path(src).read_bytes())
+    path = tmp_path / "members.nii.gz"
+    path.write_bytes(_as_members(data, [100, 352 + 5000, len(data) - 20]))  # in the header, the data, near the end
+    assert int.from_bytes(path.read_bytes()[-4:], "little") == 20  # the trailer names the last member only
+    assert vio.read_header(path).shape == nib.load(src).shape
+    assert_array_equal(vio.load(path).data, nib.load(src).get_fdata(dtype=np.float32))
+
+
+def test_gzip_of_several_members_cut_short_refused(nib_data, tmp_path):
+    data = gzip.decompress(pathlib.Path(nib_data("example4d.nii.gz")).read_bytes())
+    whole = _as_members(data, [4096, len(data) // 2])
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(whole[: len(whole) * 3 // 4])  # inside the last member
+    with pytest.raises(VolfilterError, match="truncated"):
+        vio.load(cut)
+    short = tmp_path / "short.nii.gz"  # complete members, but the data stop halfway
+    short.write_bytes(_as_members(data[: len(data) // 2], [4096]))
+    with pytest.raises(VolfilterError, match=f"holds {len(data) // 2}"):
+        vio.read_header(short)
+
+
 @pytest.mark.parametrize(
     "content,name,fragment",
     [
