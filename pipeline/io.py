@@ -213,26 +213,36 @@ def _check_header(img, path: str, file_size: int, is_gz: bool, gz_isize: int | N
             f"{path}: truncated: header declares {offset + n_bytes} bytes of header and data, "
             f"the file holds {file_size}"
         )
-    if is_gz and gz_isize is not None and offset + n_bytes < 2**32 and gz_isize < offset + n_bytes:
-        # The trailer's ISIZE is the length mod 2**32 of the last gzip member only. A file of several
-        # members (bgzip's, or .gz files joined end to end) is decompressed to count before refusing.
-        held = _gzip_length(path)
-        if held < offset + n_bytes:
-            raise VolfilterError(
-                f"{path}: truncated or header claims too much data: it declares {offset + n_bytes} "
-                f"uncompressed bytes, the gzip stream holds {held}"
-            )
+    if (
+        is_gz
+        and gz_isize is not None
+        and offset + n_bytes < 2**32
+        and gz_isize < offset + n_bytes
+        and _ends_with_first_member(path)
+    ):
+        # ISIZE is the uncompressed size mod 2**32 of the last gzip member, here the only one. A file
+        # of several members (bgzip's, or .gz files joined end to end) is checked as it is read.
+        raise VolfilterError(
+            f"{path}: truncated or header claims too much data: it declares {offset + n_bytes} "
+            f"uncompressed bytes, the gzip stream records {gz_isize}"
+        )
     return shape
 
 
-def _gzip_length(path: str) -> int:
-    """The uncompressed length of all the members of a gzip file, by decompressing it (each
-    member's CRC-32 checked); a truncated or damaged stream raises as it would on reading."""
-    n = 0
-    with _gzip_impl.open(path, "rb") as fh:
-        while chunk := fh.read(READ_STEP):
-            n += len(chunk)
-    return n
+def _ends_with_first_member(path: str) -> bool:
+    """Whether the gzip file ``path`` holds one member, so that its trailer describes all of it.
+    Decompresses the first member only (a few KB in bgzip's files); a first member cut short
+    raises as it would on reading."""
+    inflate = _deflate.decompressobj(31) if _deflate is not None else zlib.decompressobj(31)
+    with open(path, "rb") as fh:
+        while not inflate.eof:
+            chunk = fh.read(READ_STEP)
+            if not chunk:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            inflate.decompress(chunk, READ_STEP)
+            while inflate.unconsumed_tail and not inflate.eof:  # bounded output: nothing is kept
+                inflate.decompress(inflate.unconsumed_tail, READ_STEP)
+        return not (inflate.unused_data or fh.read(1))
 
 
 def read_header(path) -> nib.Nifti1Image:

@@ -419,8 +419,12 @@ def test_gzip_of_several_members_cut_short_refused(nib_data, tmp_path):
         vio.load(cut)
     short = tmp_path / "short.nii.gz"  # complete members, but the data stop halfway
     short.write_bytes(_as_members(data[: len(data) // 2], [4096]))
-    with pytest.raises(VolfilterError, match=f"holds {len(data) // 2}"):
-        vio.read_header(short)
+    with pytest.raises(VolfilterError, match="truncated"):
+        vio.load(short)
+    single = tmp_path / "single.nii.gz"  # one complete member: its trailer refuses it from the header alone
+    single.write_bytes(gzip.compress(data[: len(data) // 2], mtime=0))
+    with pytest.raises(VolfilterError, match=f"records {len(data) // 2}"):
+        vio.read_header(single)
 
 
 @pytest.mark.parametrize(
