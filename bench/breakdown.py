@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--ext", default=".nii.gz", choices=(".nii.gz", ".nii"), help="of the input and the outputs")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     n = args.size
@@ -43,17 +44,19 @@ def main():
     x += rng.normal(scale=2, size=x.shape).astype(np.float32)
     tmp = tempfile.mkdtemp(prefix="volfilter-breakdown-")
     try:
-        src = os.path.join(tmp, "vol.nii.gz")
+        src = os.path.join(tmp, "vol" + args.ext)
         nib.save(nib.Nifti1Image(np.asfortranarray(x), np.eye(4)), src)
         kinds = (("gaussian", {"fwhm_mm": 6}), ("sobel", {}), ("sharpen", {}))
-        many = [(src, [FilterJob(k, p, f"{tmp}/{k}{i}.nii.gz") for k, p in kinds], None) for i in range(args.batch)]
+        many = [(src, [FilterJob(k, p, f"{tmp}/{k}{i}{args.ext}") for k, p in kinds], None) for i in range(args.batch)]
         filter_files(many, backend=args.backend, sidecars=False)  # warm-up: imports, kernel compilation
         for ahead in (False, True, False, True):  # alternated: both settings meet the same phases of the host
             image.READ_AHEAD = ahead
             t = time.perf_counter()
             filter_files(many, backend=args.backend, sidecars=False)
             ms = (time.perf_counter() - t) * 1e3
-            print(f"# {args.batch} volumes of {n}^3, backend {args.backend}, read ahead {ahead}: {ms:.0f} ms")
+            print(
+                f"# {args.batch} volumes of {n}^3 ({args.ext}), backend {args.backend}, read ahead {ahead}: {ms:.0f} ms"
+            )
         image.READ_AHEAD = None
         prof = cProfile.Profile()
         t = time.perf_counter()
@@ -61,7 +64,9 @@ def main():
         filter_files(many, backend=args.backend, sidecars=False)
         prof.disable()
         wall = (time.perf_counter() - t) * 1e3
-        print(f"# {args.batch} volumes of {n}^3, 3 filters each, backend {args.backend}: {wall:.0f} ms under cProfile")
+        print(
+            f"# {args.batch} volumes of {n}^3 ({args.ext}), 3 filters each, backend {args.backend}: {wall:.0f} ms under cProfile"
+        )
         stats = pstats.Stats(prof, stream=sys.stdout).strip_dirs()
         stats.sort_stats("tottime").print_stats(args.top)
         stats.sort_stats("cumulative").print_stats(args.top)
