@@ -1,6 +1,7 @@
 """The NIfTI contract, checked with nibabel round trips on real and built images."""
 
 import gzip
+import itertools
 import os
 import pathlib
 import warnings
@@ -397,7 +398,7 @@ def _as_members(data: bytes, cuts) -> bytes:
     """``data`` as a gzip file of several members, cut at ``cuts`` (what bgzip, or .gz files joined
     end to end, give); its trailer's ISIZE is then the last member's length only."""
     edges = [0, *cuts, len(data)]
-    return b"".join(gzip.compress(data[a:b], mtime=0) for a, b in zip(edges, edges[1:], strict=False))
+    return b"".join(gzip.compress(data[a:b], mtime=0) for a, b in itertools.pairwise(edges))
 
 
 def test_gzip_of_several_members_is_read_whole(nib_data, tmp_path):
