@@ -592,17 +592,48 @@ def _private_compressor():
     """isal's ``_ParallelCompress`` where it is there and behaves as this code expects, else None."""
     try:
         compressor = _deflate._ParallelCompress(buffersize=GZIP_BLOCK + GZIP_BLOCK // 10, level=GZIP_LEVEL)
-        deflated, crc = compressor.compress_and_crc(b"volfilter", b"")
-        if crc != _deflate.crc32(b"volfilter") or _deflate.decompressobj(-15).decompress(deflated) != b"volfilter":
+        deflated, crc = compressor.compress_and_crc(b"volfilter", b"vf")  # primed, as every call here
+        inflated = _deflate.decompressobj(-15, zdict=b"vf").decompress(deflated)
+        if crc != _deflate.crc32(b"volfilter") or inflated != b"volfilter":
             return None
         return compressor
     except Exception:  # a future isal may change or drop its private class: the public calls remain
         return None
 
 
+_STORED_HEAD = 16  # bytes at the start of a stream that are stored, not deflated (_stored_then_primed)
+
+
+def _stored_then_primed(data, deflate_rest):
+    """A stream's first block, ``data``, as a stored deflate block of its first 16 bytes followed
+    by the rest deflated by ``deflate_rest(rest, dictionary) -> (deflated, crc32)`` primed with
+    those 16 bytes. Returns ``(deflated, crc32, length)``.
+
+    ISA-L's level-1 deflate (2.31 and 2.32, ``igzip_icf_body_h1_gr_bt.asm``) hashes the third
+    byte of a stream that starts without history from a register that still holds the address of
+    its stream structure, so that byte's place in the hash table, and with it the encoding,
+    depends on where isal allocated the compressor: in about one 64 KiB window of the address
+    space in five thousand, so once in about five thousand fresh processes (bench/NOTES.md,
+    seventeenth session; ``bench/isal_repro.c``). Given a dictionary, ISA-L never takes that path
+    (39,981 windows: 8 encodings differ without one, none with it). The stored block needs no
+    compressor and is the same everywhere; it costs 5 bytes and leaves 16 uncompressed.
+    """
+    head = bytes(data[:_STORED_HEAD])
+    n = len(head)
+    stored = b"\x00" + struct.pack("<HH", n, n ^ 0xFFFF) + head  # BFINAL 0, BTYPE 00, byte-aligned
+    crc = _deflate.crc32(head)
+    if len(data) == n:
+        return stored, crc, n
+    rest = memoryview(data)[n:]
+    deflated, crc_rest = deflate_rest(rest, head)
+    return stored + deflated, _deflate.crc32_combine(crc, crc_rest, len(rest)), len(data)
+
+
 def _block_deflater():
     """A function ``(data, window) -> (deflated, crc32, length)`` for one thread: ``data`` deflated
-    on its own, primed with ``window``, ending on a byte boundary (sync flush).
+    on its own, primed with ``window``, ending on a byte boundary (sync flush). A first block
+    (empty ``window``) starts with a stored block (:func:`_stored_then_primed`), so that ISA-L is
+    always given a dictionary.
 
     ISA-L's ``_ParallelCompress`` (what ``isal.igzip_threaded`` uses) does all of it in one call
     without the GIL; the public ``compressobj`` takes four calls, each waiting for the GIL while the
@@ -612,17 +643,19 @@ def _block_deflater():
     """
     compressor = _private_compressor()
     if compressor is not None:
+        deflate_primed = compressor.compress_and_crc
+    else:
 
-        def deflate(data, window):
-            return (*compressor.compress_and_crc(data, window), len(data))
+        def deflate_primed(data, window):
+            z = _deflate.compressobj(GZIP_LEVEL, _deflate.DEFLATED, -15, zdict=window)
+            return z.compress(data) + z.flush(_deflate.Z_SYNC_FLUSH), _deflate.crc32(data)
 
-        return deflate
+    def deflate(data, window):
+        if not window:
+            return _stored_then_primed(data, deflate_primed)
+        return (*deflate_primed(data, window), len(data))
 
-    def deflate_public(data, window):
-        z = _deflate.compressobj(GZIP_LEVEL, _deflate.DEFLATED, -15, **({"zdict": window} if window else {}))
-        return z.compress(data) + z.flush(_deflate.Z_SYNC_FLUSH), _deflate.crc32(data), len(data)
-
-    return deflate_public
+    return deflate
 
 
 class _ParallelGzip:
