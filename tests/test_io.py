@@ -350,7 +350,11 @@ def test_gzip_bytes_do_not_depend_on_where_isal_allocates(tmp_path):
                              capture_output=True, text=True, check=True)  # fmt: skip
         return json.loads(out.stdout)
 
-    usual, placed = write("usual.nii.gz"), write("placed.nii.gz", preload=True)
+    usual = write("usual.nii.gz")
+    try:
+        placed = write("placed.nii.gz", preload=True)
+    except subprocess.CalledProcessError as exc:  # a C library without __libc_malloc (musl), say
+        pytest.skip(f"the shim does not load here: {exc.stderr.strip()[-200:]}")
     windows = (0x49D0D0F60000, 0x6BA0BE0D0000, 0x4970F5D60000, 0x3BE06A960000, 0x54603C200000, 0x2160B26A0000)
     if not any(0 <= placed["at"] + 16 - w < 0x10000 for w in windows):
         pytest.skip("the shim did not place isal's compressor (another isal, or another object size)")
