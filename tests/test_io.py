@@ -2,7 +2,6 @@
 
 import gzip
 import itertools
-import json
 import os
 import pathlib
 import shutil
@@ -313,7 +312,7 @@ def test_isal_always_deflates_with_a_dictionary(tmp_path, rng, monkeypatch):
 
 
 _WRITE_IN_A_FRESH_PROCESS = """
-import hashlib, json, sys
+import hashlib, sys
 import numpy as np, nibabel as nib
 from pipeline import io as vio
 i, j, k = np.meshgrid(np.arange(12), np.arange(12), np.arange(12), indexing="ij")
@@ -322,9 +321,7 @@ vio.GZIP_THREADS = 1
 vio.save(nib.Nifti1Image(ball, np.eye(4)), sys.argv[1])
 nifti = nib.Nifti1Image(ball, np.eye(4)).to_bytes()
 compressor = vio._deflate._ParallelCompress(buffersize=1 << 20, level=vio.GZIP_LEVEL)
-print(json.dumps({"file": hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest(),
-                  "unprimed": hashlib.sha256(compressor.compress_and_crc(nifti, b"")[0]).hexdigest(),
-                  "at": id(compressor)}))
+print(hashlib.sha256(compressor.compress_and_crc(nifti, b"")[0]).hexdigest())
 """
 
 
@@ -348,19 +345,15 @@ def test_gzip_bytes_do_not_depend_on_where_isal_allocates(tmp_path):
         env = {**os.environ, "PYTHONPATH": str(TESTS.parent)} | ({"LD_PRELOAD": str(shim)} if preload else {})
         out = subprocess.run([sys.executable, "-c", _WRITE_IN_A_FRESH_PROCESS, str(tmp_path / name)], env=env,
                              capture_output=True, text=True, check=True)  # fmt: skip
-        return json.loads(out.stdout)
+        return out.stdout.strip()  # the unprimed deflate's digest
 
     usual = write("usual.nii.gz")
     try:
         placed = write("placed.nii.gz", preload=True)
     except subprocess.CalledProcessError as exc:  # a C library without __libc_malloc (musl), say
         pytest.skip(f"the shim does not load here: {exc.stderr.strip()[-200:]}")
-    windows = (0x49D0D0F60000, 0x6BA0BE0D0000, 0x4970F5D60000, 0x3BE06A960000, 0x54603C200000, 0x2160B26A0000)
-    if not any(0 <= placed["at"] + 16 - w < 0x10000 for w in windows):
-        pytest.skip("the shim did not place isal's compressor (another isal, or another object size)")
-    if placed["unprimed"] == usual["unprimed"]:
-        pytest.skip("this ISA-L encodes an unprimed stream the same at that address (fixed upstream?)")
-    assert placed["file"] == usual["file"]
+    if placed == usual:  # the shim did not place the compressor (another isal), or ISA-L is fixed
+        pytest.skip("an unprimed deflate is the same in the shimmed process: nothing to check against")
     assert_same_bytes(tmp_path / "placed.nii.gz", tmp_path / "usual.nii.gz")
 
 
